@@ -1,0 +1,179 @@
+"""`endostream` command line: data, train, eval, demo (export, serve, bench arrive with their issues).
+
+Each subcommand imports its package lazily, so `endostream serve` will never import torch and `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("endostream")
+
+DEFAULT_WORKDIR = Path("endostream-work")
+
+
+def _setup_logging(verbose: bool) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from training.data.writer import add_synth_arguments
+
+    data = sub.add_parser("data", help="generate or inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="render a synthetic endoscopy dataset (EndoARSS layout)")
+    add_synth_arguments(synth)
+    synth.set_defaults(func=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from training.data.writer import run_synth
+
+    run_synth(args)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model from a config")
+    train.add_argument("--config", required=True, help="shipped config name (tiny, endoarss_vits14, ...) or a .yaml")
+    train.add_argument("--data", type=Path, help="dataset folder (overrides data.root)")
+    train.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from RUN/last if present")
+    train.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
+    train.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.trainer import train
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.root={args.data}")
+    cfg = load_config(args.config, overrides)
+    out = args.out or Path("runs") / cfg.name
+    result = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info(
+            "done in %.1f min: best epoch %d (val acc %.3f, mIoU %.3f) -> %s",
+            result.seconds / 60,
+            result.best_epoch,
+            result.best_metrics.get("activity", {}).get("accuracy", float("nan")),
+            result.best_metrics.get("segmentation", {}).get("miou", float("nan")),
+            out / "best-merged",
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
+    ev.add_argument("checkpoint", type=Path, help="checkpoint directory (RUN/best or RUN/best-merged)")
+    ev.add_argument("--data", type=Path, required=True, help="dataset folder")
+    ev.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    ev.add_argument("--json", type=Path, help="write the result JSON here")
+    ev.add_argument("--markdown", type=Path, help="write a markdown table here")
+    ev.add_argument("--baseline", type=Path, help="result JSON to compute Δm against")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import run_evaluation
+
+    run_evaluation(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        json_out=args.json,
+        markdown_out=args.markdown,
+        baseline=args.baseline,
+        batch_size=args.batch_size,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="the main job on the embedded default: data -> tiny model -> evaluation")
+    demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where data, run and results go")
+    demo.add_argument("--images", type=int, default=1500, help="generated images (train/val/test 70/15/15)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from training.demo import run_demo
+
+    run_demo(args.workdir, images=args.images, seed=args.seed)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ later issues
+_LATER = {
+    "export": "ONNX/TensorRT export of a checkpoint into a bundle",
+    "serve": "the FastAPI inference service",
+    "bench": "benchmarks that write JSON",
+}
+
+
+def _add_later(sub: argparse._SubParsersAction) -> None:
+    for name, what in _LATER.items():
+        p = sub.add_parser(name, help=f"{what} (not in this release)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, name=name, what=what: _not_in_release(name, what))
+
+
+def _not_in_release(name: str, what: str) -> int:
+    print(f"endostream {name}: {what} is not part of endostream {_version()} yet.", file=sys.stderr)
+    return 2
+
+
+def _version() -> str:
+    from endostream import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="endostream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"endostream {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    _add_later(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as err:
+        # User errors: one clear line, no traceback (run with -v for the traceback).
+        if args.verbose:
+            raise
+        print(f"endostream {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Checkpoint -> bundle (ONNX graph, engines, manifest). May import `training`; nothing imports it."""

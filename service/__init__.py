@@ -1,0 +1,1 @@
+"""FastAPI inference service. Reads bundles only: imports neither `training` nor `export`."""

@@ -1,0 +1,1 @@
+"""Training side of endostream: backbones, adapters, models, data, trainer, evaluation."""

@@ -1,0 +1,216 @@
+"""Experiment configuration: typed dataclasses built from YAML + CLI overrides.
+
+Resolution order (dinov2 `utils/config.py` pattern): dataclass defaults <- the config file (which may name a
+`base:` config it extends) <- `key=value` overrides from the command line. The resolved config is written into
+the run folder so every run can be reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class BackboneConfig:
+    name: str = field(default="vit_tiny_p8", metadata={"help": "registry name, see training.backbones"})
+    checkpoint: str | None = field(default=None, metadata={"help": "DINOv2 .pth or Hugging Face model directory"})
+    freeze: bool = field(default=True, metadata={"help": "freeze the base weights (paper); False trains them too"})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "constructor kwargs, e.g. depth"})
+
+
+@dataclass
+class SMAConfig:
+    enabled: bool = True
+    dim: int = 16
+    kernel_size: int = 3
+    patch_size: tuple[int, int] = (2, 2)
+    groups: int = 4
+
+
+@dataclass
+class AdapterSection:
+    shared_rank: int = field(default=4, metadata={"help": "LoRA rank shared by all tasks (0 = none)"})
+    task_rank: int = field(default=4, metadata={"help": "TESLA rank per task (0 = none: one shared stream)"})
+    alpha: float = 4.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("qkv.q", "qkv.v")
+    layers: tuple[int, ...] | None = None
+
+
+@dataclass
+class HeadsConfig:
+    segmentation_channels: int = 256
+    activity_channels: int = 256
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["endoarss"] = "endoarss"
+    image_size: tuple[int, int] = (128, 128)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sma: SMAConfig = field(default_factory=SMAConfig)
+    adapters: AdapterSection = field(default_factory=AdapterSection)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class DataConfig:
+    root: str | None = field(default=None, metadata={"help": "dataset folder (EndoARSS layout + labels.json)"})
+    format: Literal["endoarss", "endovis18"] = "endoarss"
+    train_split: str = "train"
+    val_split: str = "val"
+    hflip: bool = True
+    scale: tuple[float, float] = (0.75, 1.0)
+    color_jitter: float = 0.2
+    blur_prob: float = 0.1
+    num_workers: int = 0
+    cache: bool = True
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: Literal["step", "cosine", "none"] = "cosine"
+    step_size: int = 100
+    gamma: float = 0.5
+    warmup_epochs: int = 0
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    seed: int = 0
+    weighting: Literal["ew", "dbmtl", "stch"] = "ew"
+    dbmtl_beta: float = 0.9
+    stch_mu: float = 1.0
+    stch_warmup_epochs: int = 4
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    eval_batch_size: int = 32
+    time_limit_minutes: float | None = field(
+        default=None, metadata={"help": "stop after the epoch that crosses this wall-clock budget"}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (None = torch default)"})
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists (YAML/JSON friendly)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a (partial) dict, converting nested sections and tuples.
+
+    Unknown keys raise ValueError naming the key and the valid ones, so typos in YAML or overrides never pass
+    silently.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {path + key!r}; valid keys here: {sorted(fields)}")
+        kwargs[key] = _convert(fields[key], value, f"{path}{key}.")
+    return cls(**kwargs)
+
+
+def _convert(f: dataclasses.Field, value: Any, path: str) -> Any:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    if dataclasses.is_dataclass(default):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {path[:-1]!r} is a section; got {value!r}")
+        return from_dict(type(default), value, path)
+    if isinstance(value, list) and (isinstance(default, tuple) or "tuple" in str(f.type)):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_config_file(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config {name_or_path!r} not found: give a path to a .yaml file or one of {available_configs()}"
+        )
+    if str(path) in seen:
+        raise ValueError(f"config inheritance loop: {' -> '.join(seen + (str(path),))}")
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_config_file(base, seen + (str(path),)), data)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.epochs=3", "model.sma.enabled=false"]` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+        key, raw = item.split("=", 1)
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Resolve a shipped config name (e.g. `tiny`) or a YAML path, then apply `key=value` overrides."""
+    data = _read_config_file(name_or_path)
+    data.setdefault("name", Path(name_or_path).stem)
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(ExperimentConfig, data)
+
+
+def write_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
