@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` (main job) and `make test` (test suite).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .install.stamp
+
+.PHONY: install demo test quality format
+
+$(STAMP): pyproject.toml
+	# torch first: the pinned CPU wheel satisfies the `train` extra, so nothing pulls CUDA builds.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[train,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m endostream demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -ra
+
+quality: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: $(STAMP)
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .

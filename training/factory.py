@@ -1,0 +1,123 @@
+"""Build models from typed configs and task lists (the only place configs meet constructors)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from training.adapters import (
+    AdapterConfig,
+    apply_adapters,
+    mark_only_adapters_trainable,
+    prepare_for_merged_weights,
+)
+from training.backbones import build_backbone
+from training.config import ModelConfig
+from training.layers.sma import SMA
+from training.models.endoarss import EndoARSS
+from training.models.heads import ActivityHead, SegmentationHead, aspp_rates_for_grid
+
+logger = logging.getLogger(__name__)
+
+TASK_KINDS = ("classification", "segmentation")
+
+
+def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig | None:
+    """The backbone's adapter config, or None when neither shared LoRA nor TESLA is enabled."""
+    section = cfg.adapters
+    if section.shared_rank == 0 and section.task_rank == 0:
+        return None
+    return AdapterConfig(
+        tasks=tuple(task_names),
+        shared_rank=section.shared_rank,
+        task_rank=section.task_rank,
+        alpha=section.alpha,
+        dropout=section.dropout,
+        targets=tuple(section.targets),
+        layers=tuple(section.layers) if section.layers is not None else None,
+    )
+
+
+def build_model(
+    cfg: ModelConfig,
+    tasks: Sequence[dict[str, Any]],
+    *,
+    load_backbone_weights: bool = True,
+    merged: bool = False,
+) -> EndoARSS:
+    """Build an EndoARSS model for `tasks` (the `tasks` list of labels.json).
+
+    Args:
+        cfg: model section of the experiment config.
+        tasks: dicts with `name`, `kind` ("classification" | "segmentation") and `classes`.
+        load_backbone_weights: read `cfg.backbone.checkpoint` (False when a full checkpoint follows anyway).
+        merged: build the adapter-free merged form (per-task stacked weights) that merged checkpoints hold.
+    """
+    if cfg.family != "endoarss":
+        raise ValueError(f"model family {cfg.family!r} is not built by this version; supported: 'endoarss'")
+    for task in tasks:
+        if task.get("kind") not in TASK_KINDS:
+            raise ValueError(f"task {task.get('name')!r} has kind {task.get('kind')!r}; expected one of {TASK_KINDS}")
+    checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
+    backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
+    height, width = cfg.image_size
+    patch = backbone.patch_size
+    if height % patch or width % patch:
+        raise ValueError(
+            f"model.image_size {cfg.image_size} must be a multiple of the patch size {patch}: "
+            f"try [{height // patch * patch}, {width // patch * patch}]"
+        )
+    names = [t["name"] for t in tasks]
+    adapters = adapter_config(cfg, names)
+    per_task_streams = adapters is not None and adapters.task_rank > 0 and len(names) > 1
+    if adapters is not None:
+        if not merged:
+            apply_adapters(backbone, adapters)
+        elif per_task_streams:
+            prepare_for_merged_weights(backbone, adapters)
+        # merged without per-task weights: the shared LoRA was folded into plain Linears of the same shape.
+    if cfg.backbone.freeze and not merged:
+        mark_only_adapters_trainable(backbone)
+
+    grid = (height // patch, width // patch)
+    dim = backbone.embed_dim
+    heads = nn.ModuleDict()
+    for task in tasks:
+        classes = len(task["classes"])
+        if task["kind"] == "segmentation":
+            heads[task["name"]] = SegmentationHead(
+                dim,
+                classes,
+                channels=cfg.heads.segmentation_channels,
+                rates=aspp_rates_for_grid(grid),
+                dropout=cfg.heads.dropout,
+            )
+        else:
+            heads[task["name"]] = ActivityHead(dim, classes, channels=cfg.heads.activity_channels)
+    sma = None
+    if cfg.sma.enabled:
+        sma = SMA(
+            in_chans=3,
+            dim=cfg.sma.dim,
+            kernel_size=cfg.sma.kernel_size,
+            patch_size=tuple(cfg.sma.patch_size),
+            groups=cfg.sma.groups,
+        )
+    return EndoARSS(
+        backbone=backbone,
+        heads=heads,
+        task_kinds={t["name"]: t["kind"] for t in tasks},
+        sma=sma,
+        per_task_streams=per_task_streams,
+        pixel_mean=tuple(cfg.pixel_mean),
+        pixel_std=tuple(cfg.pixel_std),
+    )
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

@@ -1,0 +1,120 @@
+"""EndoARSS: SMA -> DINOv2 ViT with shared LoRA + TESLA task adapters -> per-task heads.
+
+Paper: Huang et al., "EndoARSS: Adapting Spatially-Aware Foundation Model for Efficient Activity Recognition and
+Semantic Segmentation in Endoscopic Surgery" (shared/papers/endoarss.md, Fig. 3, eq. 2-6).
+
+Where the public code departs from the paper we follow the paper (shared/MODEL_NOTES.md §1): SMA is trainable and
+starts as the identity; each task has its own token stream through the backbone (TESLA adapters give each stream its
+own low-rank weights) and all streams run as ONE batched pass, stacked task-major on the batch axis (the grouped
+computation of eq. 6); the heads see the spatial token grid, not tokens viewed as channels.
+
+When no layer of the backbone is task-specific (TESLA rank 0), every stream would be identical, so a single stream
+is computed and shared by all heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from training.adapters import active_tasks
+
+
+class EndoARSS(nn.Module):
+    """Multi-task endoscopy model: activity recognition + semantic segmentation from one backbone pass."""
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        heads: nn.ModuleDict,
+        task_kinds: dict[str, str],
+        sma: nn.Module | None = None,
+        per_task_streams: bool = True,
+        pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+        pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+    ) -> None:
+        """
+        Args:
+            backbone: ViT with `prepare_tokens`, `blocks`, `norm`, `num_prefix_tokens`, `patch_size`.
+            heads: one head per task, keyed by task name; the key order is the stream order.
+            task_kinds: task name -> "classification" | "segmentation".
+            sma: module applied to the normalised image before the patch embedding (None = off).
+            per_task_streams: run one token stream per task (needed when the backbone has per-task weights).
+            pixel_mean: RGB mean in 0-255 units; normalisation lives in the model so exported graphs include it.
+            pixel_std: RGB std in 0-255 units.
+        """
+        super().__init__()
+        if set(heads) != set(task_kinds):
+            raise ValueError(f"heads {sorted(heads)} and task kinds {sorted(task_kinds)} name different tasks")
+        self.backbone = backbone
+        self.heads = heads
+        self.task_kinds = dict(task_kinds)
+        self.sma = sma
+        self.per_task_streams = per_task_streams
+        # Non-persistent: constants of the architecture, not weights (SAM `modeling/sam.py` pattern).
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.heads.keys())
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """RGB images in 0-255 (uint8 or float), B 3 H W -> ImageNet-normalised float."""
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def forward_features(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Per-task spatial feature maps (B D h w) from the final normalised patch tokens."""
+        tasks = tuple(tasks) if tasks is not None else self.tasks
+        unknown = [t for t in tasks if t not in self.heads]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; this model has {list(self.tasks)}")
+        x = self.normalize(images)  # B 3 H W
+        if self.sma is not None:
+            x = self.sma(x)
+        batch, _, height, width = x.shape
+        tokens = self.backbone.prepare_tokens(x)  # B L D
+        streams = len(tasks) if self.per_task_streams else 1
+        if streams > 1:
+            tokens = tokens.repeat(streams, 1, 1)  # (T B) L D, task-major
+        context = active_tasks(self.backbone, tasks) if self.per_task_streams else nullcontext()
+        with context:
+            for block in self.backbone.blocks:
+                tokens = block(tokens)
+        tokens = self.backbone.norm(tokens)
+        patch = tokens[:, self.backbone.num_prefix_tokens :]  # (T B) N D
+        grid_h, grid_w = height // self.backbone.patch_size, width // self.backbone.patch_size
+        maps = patch.transpose(1, 2).reshape(streams, batch, -1, grid_h, grid_w)  # T B D h w
+        return {task: maps[i if streams > 1 else 0] for i, task in enumerate(tasks)}
+
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
+        features = self.forward_features(images, tasks)
+        size = (images.shape[-2], images.shape[-1])
+        out: dict[str, Tensor] = {}
+        for task, feature in features.items():
+            head = self.heads[task]
+            out[task] = head(feature, output_size=size) if self.task_kinds[task] == "segmentation" else head(feature)
+        return out
+
+    def task_parameter_names(self) -> dict[str, list[str]]:
+        """Names of parameters that belong to one task only (its head and its TESLA factors)."""
+        names: dict[str, list[str]] = {task: [] for task in self.tasks}
+        for name, _ in self.named_parameters():
+            for task in self.tasks:
+                if name.startswith(f"heads.{task}.") or f".{task}" in _adapter_suffixes(name):
+                    names[task].append(name)
+        return names
+
+
+def _adapter_suffixes(name: str) -> tuple[str, ...]:
+    # Adapter factors are stored as ParameterDicts keyed by task: "...lora_A.<task>" / "...lora_B.<task>".
+    for key in ("lora_A", "lora_B"):
+        marker = f".{key}."
+        if marker in name:
+            return ("." + name.split(marker, 1)[1].split(".")[0],)
+    return ()
