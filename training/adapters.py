@@ -1,0 +1,294 @@
+"""Put shared LoRA + TESLA adapters into a ViT backbone, freeze the rest, and fold them into per-task weights.
+
+EndoARSS (shared/papers/endoarss.md III-C, III-D; shared/MODEL_NOTES.md §1): LoRA on q and v shared by all tasks,
+TESLA per-task low-rank adapters, every task with its own token stream through the backbone, all streams in one
+batched pass stacked task-major, (T*B, N, D). The backbone is expected to follow the DINOv2 layout
+`blocks[i].attn.qkv` (fused, rows q then k then v), `blocks[i].attn.proj`, `blocks[i].mlp.fc1`, `blocks[i].mlp.fc2`.
+
+Freezing and the adapter-only state-dict filter are built from `AdapterLinear.adapter_layer_names`
+(litgpt `lora.py`: `mark_only_lora_as_trainable`, `lora_filter`); unloading follows peft
+`tuners_utils._unload_and_optionally_merge`, except that several tasks unload to a `TaskLinear` of stacked weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from training.layers.adapter_variants import SHARED_ADAPTER
+from training.layers.lora import AdapterLinear, TaskLinear, select_tasks
+
+logger = logging.getLogger(__name__)
+
+# Target name -> (module path inside a block, part of the fused qkv rows or None for the whole layer).
+TARGETS: dict[str, tuple[str, int | None]] = {
+    "qkv.q": ("attn.qkv", 0),
+    "qkv.k": ("attn.qkv", 1),
+    "qkv.v": ("attn.qkv", 2),
+    "proj": ("attn.proj", None),
+    "fc1": ("mlp.fc1", None),
+    "fc2": ("mlp.fc2", None),
+}
+_QKV_PARTS = 3
+
+
+@dataclass
+class AdapterConfig:
+    """Where the adapters go and how large they are; saved in a checkpoint's config.json via `to_dict`."""
+
+    tasks: tuple[str, ...] = field(metadata={"help": "task names; the default stream order of the stacked batch"})
+    shared_rank: int = field(default=4, metadata={"help": "rank of the LoRA shared by all tasks (0 = none)"})
+    task_rank: int = field(default=4, metadata={"help": "rank of each task's TESLA adapter (0 = none)"})
+    alpha: float = field(default=4.0, metadata={"help": "scaling numerator: each adapter adds alpha / rank * B A"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    targets: tuple[str, ...] = field(
+        default=("qkv.q", "qkv.v"), metadata={"help": f"layers to adapt in each block, from {sorted(TARGETS)}"}
+    )
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "block indices to adapt (None = all)"})
+
+    def __post_init__(self) -> None:
+        self.tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        self.layers = None if self.layers is None else tuple(self.layers)
+        bad_tasks = [t for t in self.tasks if not isinstance(t, str) or not t or "." in t or t == SHARED_ADAPTER]
+        if not self.tasks or bad_tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(
+                f"tasks={list(self.tasks)}: need at least one task, unique non-empty names without '.', "
+                f"and none called {SHARED_ADAPTER!r} (reserved for the shared LoRA)"
+            )
+        for name in ("shared_rank", "task_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        if self.shared_rank == 0 and self.task_rank == 0:
+            raise ValueError("shared_rank=0 and task_rank=0: nothing to adapt; set one of them > 0")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha!r} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets={list(self.targets)}: need unique names from {sorted(TARGETS)}")
+        if self.layers is not None:
+            bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if not self.layers or bad or len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers={list(self.layers)}: need unique block indices >= 0, or None for all blocks")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples as lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Inverse of `to_dict`; rejects unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown adapter config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """(module path, layer) for every AdapterLinear in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Wrap the targeted Linears under `model.blocks[i]` in AdapterLinear, in place.
+
+    Returns:
+        The module paths adapted, e.g. ["blocks.0.attn.qkv", ...].
+
+    Raises:
+        ValueError: a target is missing, is not an nn.Linear, or is adapted already.
+    """
+    paths = []
+    for path, linear, row_slices in _plan(model, config):
+        if isinstance(linear, AdapterLinear):
+            raise ValueError(f"{path} already holds adapters; apply_adapters runs once per model")
+        layer = AdapterLinear(
+            linear,
+            tasks=config.tasks,
+            shared_rank=config.shared_rank,
+            task_rank=config.task_rank,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            row_slices=row_slices,
+        )
+        _replace_module(model, path, layer)
+        paths.append(path)
+    logger.info(
+        "adapters on %d layers (shared rank %d, task rank %d, tasks %s): %d parameters",
+        len(paths),
+        config.shared_rank,
+        config.task_rank,
+        list(config.tasks),
+        count_adapter_parameters(model),
+    )
+    return paths
+
+
+def is_adapter_key(name: str) -> bool:
+    """True for parameter / state-dict names that belong to an adapter factor."""
+    return not set(name.split(".")).isdisjoint(AdapterLinear.adapter_layer_names)
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    """Freeze every parameter of `model` except the adapter factors."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_key(name))
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter factors of `model` (what the optimizer of a frozen backbone needs)."""
+    return [param for name, param in model.named_parameters() if is_adapter_key(name)]
+
+
+def count_adapter_parameters(model: nn.Module) -> int:
+    return sum(param.numel() for param in adapter_parameters(model))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter-only part of `model.state_dict()`."""
+    return {key: value for key, value in model.state_dict().items() if is_adapter_key(key)}
+
+
+@contextmanager
+def active_tasks(model: nn.Module, tasks: str | Sequence[str] | None) -> Iterator[None]:
+    """Run only some task streams (in the given order) through every adapter / merged layer of `model`.
+
+    E.g. `with active_tasks(model, "segmentation"): model(x)` with x a single stream of batch B.
+
+    Raises:
+        ValueError: a task is unknown to some layer (nothing is changed then).
+    """
+    layers = [module for module in model.modules() if isinstance(module, AdapterLinear | TaskLinear)]
+    previous = [layer.active_tasks for layer in layers]
+    try:
+        for layer in layers:
+            layer.set_active_tasks(tasks)
+        yield
+    finally:
+        for layer, before in zip(layers, previous, strict=True):
+            layer.active_tasks = before
+
+
+def merge_adapters(model: nn.Module, tasks: str | Sequence[str] | None = None, safe: bool = True) -> None:
+    """`AdapterLinear.merge(tasks, safe)` on every adapter layer of `model` (e.g. merge one task, export, unmerge).
+
+    Raises:
+        ValueError: a merged weight is not finite; that layer is left as it was, earlier layers stay merged
+            (`unmerge_adapters` resets them).
+    """
+    for _, layer in iter_adapter_layers(model):
+        layer.merge(tasks, safe=safe)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """`AdapterLinear.unmerge()` on every merged adapter layer of `model`."""
+    for _, layer in iter_adapter_layers(model):
+        if layer.merged:
+            layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, tasks: str | Sequence[str] | None = None) -> nn.Module:
+    """A copy of `model` with every adapter folded into plain weights and no adapter tensor left.
+
+    Does NOT work in place: `model` keeps its adapters and the result is a deep copy. Each AdapterLinear becomes a
+    `TaskLinear` with one merged weight per task (several tasks, layers with TESLA adapters) or an `nn.Linear` holding
+    the merged weight (one task, or a layer with only the shared LoRA, which is the same for every task).
+
+    Args:
+        model: a model with adapters (`apply_adapters`).
+        tasks: the tasks to keep, in stream order (None = all). The result expects exactly these streams.
+
+    Raises:
+        ValueError: a task is unknown, or a merged weight is not finite (names the task).
+    """
+    unloaded = copy.deepcopy(model)
+    for path, layer in list(iter_adapter_layers(unloaded)):
+        names = select_tasks(tasks, layer.tasks)
+        weights = layer.build_merged_weights(names, safe=True)  # T out in
+        base = layer.base_layer
+        if len(names) > 1 and layer.per_task:
+            replacement: nn.Module = TaskLinear.from_weights(weights, base.bias, names)
+        else:
+            replacement = base
+            with torch.no_grad():
+                base.weight.copy_(weights[0])  # the copy's own tensor: the caller's model is untouched
+        for param, source in zip(replacement.parameters(), base.parameters(), strict=True):
+            param.requires_grad_(source.requires_grad)
+        _replace_module(unloaded, path, replacement)
+    return unloaded
+
+
+def prepare_for_merged_weights(
+    model: nn.Module, config: AdapterConfig, tasks: str | Sequence[str] | None = None
+) -> list[str]:
+    """Give a plain backbone the layout of `merge_and_unload(adapted, tasks)` so a merged state dict loads strictly.
+
+    The targeted Linears become TaskLinear shells (every task starting from the base weight), in place. When the
+    merged form keeps plain Linears (one task, or no TESLA adapter) nothing changes.
+
+    Returns:
+        The module paths replaced.
+    """
+    names = select_tasks(tasks, config.tasks)
+    if config.task_rank == 0 or len(names) == 1:
+        return []
+    paths = []
+    for path, linear, _ in _plan(model, config):
+        _replace_module(model, path, TaskLinear.from_linear(linear, names))
+        paths.append(path)
+    return paths
+
+
+def _plan(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Linear, list[tuple[int, int]] | None]]:
+    """(path, linear, row slices or None for all rows) for every targeted Linear, checked before anything changes."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList | nn.Sequential):
+        raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList; adapters expect a ViT backbone")
+    indices = range(len(blocks)) if config.layers is None else config.layers
+    out_of_range = [i for i in indices if i >= len(blocks)]
+    if out_of_range:
+        raise ValueError(f"adapter layers {out_of_range} do not exist: the model has {len(blocks)} blocks")
+    plan = []
+    for index in indices:
+        parts: dict[str, list[int | None]] = {}
+        for target in config.targets:
+            sub, part = TARGETS[target]
+            parts.setdefault(sub, []).append(part)
+        for sub, wanted in parts.items():
+            path = f"blocks.{index}.{sub}"
+            try:
+                linear = model.get_submodule(path)
+            except AttributeError as err:
+                raise ValueError(f"adapter target {path} does not exist in {type(model).__name__}: {err}") from err
+            if not isinstance(linear, nn.Linear | AdapterLinear):
+                raise ValueError(f"adapter target {path} is a {type(linear).__name__}, not an nn.Linear")
+            plan.append((path, linear, _qkv_slices(path, linear.out_features, wanted)))
+    return plan
+
+
+def _qkv_slices(path: str, out_features: int, parts: list[int | None]) -> list[tuple[int, int]] | None:
+    if parts == [None]:
+        return None
+    if out_features % _QKV_PARTS:
+        raise ValueError(f"{path} has {out_features} outputs, not a fused q/k/v projection (divisible by 3)")
+    size = out_features // _QKV_PARTS
+    return [(part * size, (part + 1) * size) for part in sorted(p for p in parts if p is not None)]
+
+
+def _replace_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
