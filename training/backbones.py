@@ -1,0 +1,184 @@
+"""Backbone registry: one small factory per variant, a plain dict listing them, and `build_backbone`.
+
+DINOv2 variants follow dinov2 `hub/backbones.py` (`dinov2_vit{s,b,l,g}14`, `*_reg` with 4 registers; img 518, patch
+14; ViT-g/14 = width 1536, 40 blocks, 24 heads, SwiGLU FFN) with the interpolation convention each release uses.
+LayerScale starts at 1e-5 (the DINOv2 training value; checkpoints overwrite it). The tiny variants exist for tests and
+CPU training. Pattern: SAM `build_sam.py` (`sam_model_registry`), timm `_builder.py` (`load_pretrained`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.models.vit import VisionTransformer
+from training.weights import checkpoint_filter_fn, load_backbone_weights, load_checked
+
+logger = logging.getLogger(__name__)
+
+# Original DINOv2 release conventions (dinov2 hub/backbones.py).
+_DINOV2 = {"img_size": 518, "patch_size": 14, "init_values": 1e-5, "interpolate_offset": 0.1}
+_DINOV2_REG = {**_DINOV2, "num_register_tokens": 4, "interpolate_offset": 0.0, "interpolate_antialias": True}
+_SIZES = {
+    "s": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "b": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "l": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+    "g": {"embed_dim": 1536, "depth": 40, "num_heads": 24, "ffn_layer": "swiglu"},
+}
+# Tiny variants: size-based position resampling (no historical offset), LayerScale 1 so every block contributes.
+_TINY = {"init_values": 1.0, "interpolate_offset": 0.0}
+
+
+def _build(*defaults: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
+    kwargs: dict[str, Any] = {}
+    for part in defaults:
+        kwargs.update(part)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
+
+
+def dinov2_vits14(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-S/14 (22M parameters)."""
+    return _build(_DINOV2, _SIZES["s"], overrides=kwargs)
+
+
+def dinov2_vitb14(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-B/14 (87M parameters)."""
+    return _build(_DINOV2, _SIZES["b"], overrides=kwargs)
+
+
+def dinov2_vitl14(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-L/14 (304M parameters)."""
+    return _build(_DINOV2, _SIZES["l"], overrides=kwargs)
+
+
+def dinov2_vitg14(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-g/14 (1.1B parameters, SwiGLU FFN)."""
+    return _build(_DINOV2, _SIZES["g"], overrides=kwargs)
+
+
+def dinov2_vits14_reg(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-S/14 with 4 register tokens."""
+    return _build(_DINOV2_REG, _SIZES["s"], overrides=kwargs)
+
+
+def dinov2_vitb14_reg(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-B/14 with 4 register tokens."""
+    return _build(_DINOV2_REG, _SIZES["b"], overrides=kwargs)
+
+
+def dinov2_vitl14_reg(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-L/14 with 4 register tokens."""
+    return _build(_DINOV2_REG, _SIZES["l"], overrides=kwargs)
+
+
+def dinov2_vitg14_reg(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-g/14 with 4 register tokens."""
+    return _build(_DINOV2_REG, _SIZES["g"], overrides=kwargs)
+
+
+def vit_tiny_p8(**kwargs: Any) -> VisionTransformer:
+    """Tiny ViT for tests and CPU training: patch 8, width 128, 4 blocks, 4 heads, 128 px."""
+    size = {"img_size": 128, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4}
+    return _build(_TINY, size, overrides=kwargs)
+
+
+def vit_tiny_p14(**kwargs: Any) -> VisionTransformer:
+    """Tiny ViT with DINOv2's patch size: patch 14, width 64, 2 blocks, 2 heads, 112 px."""
+    size = {"img_size": 112, "patch_size": 14, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    return _build(_TINY, size, overrides=kwargs)
+
+
+BACKBONES: dict[str, Callable[..., VisionTransformer]] = {
+    "dinov2_vits14": dinov2_vits14,
+    "dinov2_vitb14": dinov2_vitb14,
+    "dinov2_vitl14": dinov2_vitl14,
+    "dinov2_vitg14": dinov2_vitg14,
+    "dinov2_vits14_reg": dinov2_vits14_reg,
+    "dinov2_vitb14_reg": dinov2_vitb14_reg,
+    "dinov2_vitl14_reg": dinov2_vitl14_reg,
+    "dinov2_vitg14_reg": dinov2_vitg14_reg,
+    "vit_tiny_p8": vit_tiny_p8,
+    "vit_tiny_p14": vit_tiny_p14,
+}
+
+
+def describe(model: VisionTransformer) -> dict[str, Any]:
+    """The architecture fields that decide which weights fit (compared between a checkpoint and a variant)."""
+    return {
+        "embed_dim": model.embed_dim,
+        "depth": len(model.blocks),
+        "num_heads": model.num_heads,
+        "patch_size": model.patch_size,
+        "img_size": model.img_size,
+        "num_register_tokens": model.num_register_tokens,
+        "ffn_layer": model.ffn_layer,
+        "mlp_hidden_dim": model.mlp_hidden_dim,
+    }
+
+
+def _factory(name: str) -> Callable[..., VisionTransformer]:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def _unrecorded_fields(arch: dict[str, Any], variant: VisionTransformer) -> dict[str, Any]:
+    """Fields that original-layout weights do not record, taken from the named variant where it fits the weights.
+
+    The head count comes from the variant when the width matches (else the embed_dim // 64 guess of `infer_arch`
+    stands); the position-resampling convention when the register count matches (else the DINOv2 release convention
+    for that register count stands).
+    """
+    fields: dict[str, Any] = {}
+    if arch["embed_dim"] == variant.embed_dim:
+        fields["num_heads"] = variant.num_heads
+    if arch["num_register_tokens"] == variant.num_register_tokens:
+        fields["interpolate_offset"] = variant.interpolate_offset
+        fields["interpolate_antialias"] = variant.interpolate_antialias
+    return fields
+
+
+def build_backbone(name: str, checkpoint: str | Path | None = None, **overrides: Any) -> VisionTransformer:
+    """Build a registered backbone, optionally loading a DINOv2 checkpoint into it.
+
+    With a checkpoint, its architecture wins over the name (a warning lists what differs from the named variant):
+    a Hugging Face directory's config.json, or the tensor shapes of an original `.pth` (see `_unrecorded_fields` for
+    what shapes cannot tell). `overrides` win over both (e.g. `num_heads`, or `interpolate_offset`). Position and
+    patch embeddings are resampled when an override changes `img_size` or `patch_size`. Weights load with strict=True.
+
+    Args:
+        name: registry key, see `BACKBONES`.
+        checkpoint: original DINOv2 / our-layout file, or Hugging Face model directory; None = random init.
+        overrides: VisionTransformer keyword arguments.
+    """
+    factory = _factory(name)
+    if checkpoint is None:
+        return factory(**overrides)
+    loaded = load_backbone_weights(checkpoint)
+    arch = dict(loaded.arch)
+    with torch.device("meta"):  # shapes only, nothing allocated
+        variant = factory(**overrides)
+        if loaded.source == "dinov2":
+            arch.update(_unrecorded_fields(arch, variant))
+        named, found = describe(variant), describe(factory(**arch))
+    differences = {key: (named[key], found[key]) for key in named if named[key] != found[key] and key not in overrides}
+    if differences:
+        listed = ", ".join(f"{key} {value} -> {actual}" for key, (value, actual) in differences.items())
+        logger.warning("checkpoint %s differs from %s: %s; using the checkpoint's", checkpoint, name, listed)
+    model = factory(**{**arch, **overrides})
+    state_dict = checkpoint_filter_fn(loaded.state_dict, model)
+    load_checked(model, state_dict, loaded.path)
+    logger.info(
+        "loaded %s from %s (%s layout; position resampling offset=%s antialias=%s)",
+        name,
+        loaded.path,
+        loaded.source,
+        model.interpolate_offset,
+        model.interpolate_antialias,
+    )
+    return model
