@@ -1,0 +1,160 @@
+"""Evaluation results: the result JSON, paper-style markdown tables, and the multi-task gain Δm.
+
+The table follows the EndoARSS paper's tables (IV-C, Tables II-VI): AC(%), F-score(%), mIoU(%), DS(%), HD, SSIM(%),
+percentages x100 with two decimals and distances in pixels. Our HD column is the boundary HD95 (see
+training/metrics.py); the paper's "HD" is the row Hausdorff of its code, kept in the JSON as `hd_rows_paper_code`.
+
+Δm (Maninis et al. 2019, "Attentive single-tasking of multiple tasks"; the multi-task gain reported by LibMTL and
+later MTL papers) is the mean relative change against a baseline over the metrics M_i,
+Δm = 1/K Σ_i (-1)^{l_i} (M_i - M_b,i) / M_b,i x 100, with l_i = 1 when lower is better (HD95), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# (section, key) of every metric that enters Δm, and whether lower is better.
+DELTA_M_METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("activity", "accuracy", False),
+    ("activity", "f1_macro", False),
+    ("segmentation", "miou", False),
+    ("segmentation", "dice", False),
+    ("segmentation", "hd95", True),
+    ("segmentation", "ssim", False),
+)
+
+# Table columns: header, section, key, scale (fractions x100 as the paper prints them; distances as they are).
+TABLE_COLUMNS: tuple[tuple[str, str, str, float], ...] = (
+    ("Acc (%)", "activity", "accuracy", 100.0),
+    ("F1 (%)", "activity", "f1_macro", 100.0),
+    ("mIoU (%)", "segmentation", "miou", 100.0),
+    ("Dice (%)", "segmentation", "dice", 100.0),
+    ("HD95 (px)", "segmentation", "hd95", 1.0),
+    ("SSIM (%)", "segmentation", "ssim", 100.0),
+)
+
+_REQUIRED = {"activity": ("accuracy", "f1_macro"), "segmentation": ("miou", "dice", "hd95", "ssim")}
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays become numbers and lists, NaN and inf become None."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy array or scalar
+        return _json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def evaluation_result(activity: dict[str, Any], segmentation: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The result JSON: `{"activity": {...}, "segmentation": {...}, "meta": {...}}`.
+
+    Args:
+        activity: `ClassificationMeter.compute()` (needs `accuracy`, `f1_macro`).
+        segmentation: `SegmentationMeter.compute()` (needs `miou`, `dice`, `hd95`, `ssim`).
+        meta: what was evaluated, e.g. checkpoint, split, number of images, class names; stored as given.
+
+    Returns:
+        A JSON-serialisable dict (numpy values converted, NaN as None).
+    """
+    for section, metrics in (("activity", activity), ("segmentation", segmentation)):
+        missing = [key for key in _REQUIRED[section] if key not in metrics]
+        if missing:
+            raise ValueError(f"{section} metrics lack {missing}; pass the dict from the meter's compute()")
+    return _json_safe({"activity": activity, "segmentation": segmentation, "meta": meta})
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    """Read a result JSON written from `evaluation_result`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no result JSON at {path}; write one with `endostream eval ... --json {path}`")
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); expected the output of `endostream eval --json`") from err
+    if not isinstance(result, dict) or not {"activity", "segmentation"} <= result.keys():
+        raise ValueError(f"{path} has no 'activity' and 'segmentation' sections; is it an endostream result?")
+    return result
+
+
+def _metric(result: Mapping[str, Any], section: str, key: str) -> float | None:
+    value = result.get(section, {}).get(key)
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def delta_m(
+    result: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    metrics: Sequence[tuple[str, str, bool]] = DELTA_M_METRICS,
+) -> float:
+    """Δm of `result` against `baseline` in percent: positive means better on average.
+
+    A metric that is 0 in both counts as unchanged; 0 in the baseline only is an error (relative change undefined).
+
+    Args:
+        result: result dict (`evaluation_result` layout).
+        baseline: result dict of the reference, e.g. the single-task models or the first ablation row.
+        metrics: (section, key, lower_is_better) triples; default accuracy, f1_macro, miou, dice, hd95, ssim.
+    """
+    if not metrics:
+        raise ValueError("delta_m needs at least one metric")
+    terms = []
+    for section, key, lower_is_better in metrics:
+        ours, base = _metric(result, section, key), _metric(baseline, section, key)
+        if base is None:
+            raise ValueError(f"baseline lacks {section}.{key}; evaluate it with boundary and SSIM metrics on")
+        if ours is None:
+            raise ValueError(f"result lacks {section}.{key}; evaluate it with boundary and SSIM metrics on")
+        if base == 0 and ours != 0:
+            raise ValueError(f"baseline {section}.{key} is 0, so the relative change is undefined; drop the metric")
+        if base == 0:  # both 0 (e.g. a perfect HD95): no change
+            terms.append(0.0)
+            continue
+        sign = -1.0 if lower_is_better else 1.0
+        terms.append(sign * (ours - base) / base * 100.0)
+    return sum(terms) / len(terms)
+
+
+def _cell(value: float | None, scale: float) -> str:
+    return "N/A" if value is None else f"{value * scale:.2f}"
+
+
+def markdown_table(results: Mapping[str, Any] | Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """A markdown table with one row per result, in the paper's units.
+
+    Args:
+        results: one result dict (its row is named after `meta.checkpoint`), a dict of row name -> result, or
+            (row name, result) pairs, e.g. ablation rows. A Δm (%) column is added when any result carries a
+            `delta_m` value.
+    """
+    if isinstance(results, Mapping) and ("activity" in results or "segmentation" in results):
+        rows = [(str(results.get("meta", {}).get("checkpoint", "result")), results)]
+    elif isinstance(results, Mapping):
+        rows = [(str(name), result) for name, result in results.items()]
+    else:
+        rows = list(results)
+    if not rows:
+        raise ValueError("markdown_table needs at least one result")
+    with_delta = any(result.get("delta_m") is not None for _, result in rows)
+    header = ["Run"] + [column[0] for column in TABLE_COLUMNS] + (["Δm (%)"] if with_delta else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name, result in rows:
+        cells = [name.replace("|", "\\|")]
+        cells += [_cell(_metric(result, section, key), scale) for _, section, key, scale in TABLE_COLUMNS]
+        if with_delta:
+            delta = result.get("delta_m")
+            cells.append("N/A" if delta is None else f"{delta:+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
