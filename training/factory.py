@@ -14,7 +14,7 @@ from training.adapters import (
     mark_only_adapters_trainable,
     prepare_for_merged_weights,
 )
-from training.backbones import build_backbone
+from training.backbones import build_backbone, describe
 from training.config import ModelConfig
 from training.layers.sma import SMA
 from training.models.endoarss import EndoARSS
@@ -115,6 +115,19 @@ def build_model(
         pixel_mean=tuple(cfg.pixel_mean),
         pixel_std=tuple(cfg.pixel_std),
     )
+
+
+def resolved_backbone_overrides(backbone: nn.Module) -> dict[str, Any]:
+    """Constructor kwargs that rebuild `backbone`'s exact architecture without its source checkpoint.
+
+    A Hugging Face directory or an original .pth may define an architecture the variant name does not (read from
+    config.json or inferred from shapes); saved checkpoints record it so they load without the source file.
+    """
+    arch = describe(backbone)
+    arch["interpolate_offset"] = backbone.interpolate_offset
+    arch["interpolate_antialias"] = backbone.interpolate_antialias
+    arch["layer_norm_eps"] = backbone.norm.eps
+    return arch
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

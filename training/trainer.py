@@ -43,7 +43,7 @@ from training.distributed import (
     shutdown,
 )
 from training.evaluate import evaluate_model, selection_score
-from training.factory import build_model, count_parameters
+from training.factory import build_model, count_parameters, resolved_backbone_overrides
 from training.models.endoarss import EndoARSS
 from training.mtl import build_weighting
 
@@ -162,6 +162,9 @@ class Trainer:
             generator=generator,
         )
         self.model = build_model(cfg.model, self.labels["tasks"]).to(ctx.device)
+        if cfg.model.backbone.checkpoint is not None:
+            # Saved checkpoints must rebuild this architecture without the backbone file.
+            cfg.model.backbone.overrides = resolved_backbone_overrides(self.model.backbone)
         broadcast_module(self.model, ctx)
         self.shared_params, self.params = split_parameters(self.model)
         self.optimizer = build_optimizer(cfg, self.params)
