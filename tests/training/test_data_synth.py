@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -173,6 +174,9 @@ def test_clip_decodes_with_labels_and_smooth_motion(tmp_path: Path):
     info = probe_mp4(tmp_path / "clip_000.mp4")
     assert (info.frames, info.width, info.height) == (30, width, height)
     assert info.codec == "h264" and info.pix_fmt == "yuv420p" and info.fps == pytest.approx(fps)
+    with av.open(str(tmp_path / "clip_000.mp4")) as container:  # fixed GOP: a keyframe every `gop` frames
+        packets = [p for p in container.demux(video=0) if p.size > 0]
+        assert [i for i, p in enumerate(packets) if p.is_keyframe] == [0, 10, 20]
     frames = list(read_mp4(tmp_path / "clip_000.mp4"))
     assert len(frames) == 30 and frames[0].shape == (height, width, 3)
     saved = json.loads((tmp_path / "clip_000.json").read_text())

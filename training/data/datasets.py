@@ -140,20 +140,22 @@ class _CachedDataset(abc.ABC):
 
     transform: Transform | None
     cache: bool
+    samples: list[tuple[Path, Path, int, str]]  # (image, mask, activity, name), filled by subclasses
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        return len(self.samples)
 
     @abc.abstractmethod
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded (image, mask) of sample `index`."""
 
-    @abc.abstractmethod
     def _meta(self, index: int) -> tuple[int, str]:
         """(activity, name) of sample `index`, without decoding."""
+        _, _, activity, name = self.samples[index]
+        return activity, name
 
     def preload(self) -> None:
         """Decode every sample now (needs `cache=True`)."""
@@ -291,13 +293,6 @@ class EndoARSSFolder(_CachedDataset):
                 )
             out.append((image_path, mask_path, activity, f"{folder.name}/{image_path.stem}"))
         return out
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _meta(self, index: int) -> tuple[int, str]:
-        _, _, activity, name = self.samples[index]
-        return activity, name
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path, _, _ = self.samples[index]
@@ -449,13 +444,6 @@ class EndoVis18(_CachedDataset):
                 self.samples.append((image_path, mask_path, labels[(int(seq), frame)], f"seq_{seq}/frame{frame:03d}"))
         if not self.samples:
             raise ValueError(f"no labelled frames for sequences {list(split_sequences)} in {activity_file}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _meta(self, index: int) -> tuple[int, str]:
-        _, _, activity, name = self.samples[index]
-        return activity, name
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path, _, _ = self.samples[index]
