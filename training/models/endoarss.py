@@ -105,16 +105,15 @@ class EndoARSS(nn.Module):
         """Names of parameters that belong to one task only (its head and its TESLA factors)."""
         names: dict[str, list[str]] = {task: [] for task in self.tasks}
         for name, _ in self.named_parameters():
-            for task in self.tasks:
-                if name.startswith(f"heads.{task}.") or f".{task}" in _adapter_suffixes(name):
-                    names[task].append(name)
+            owner = name.split(".")[1] if name.startswith("heads.") else _adapter_task(name)
+            if owner in names:
+                names[owner].append(name)
         return names
 
 
-def _adapter_suffixes(name: str) -> tuple[str, ...]:
-    # Adapter factors are stored as ParameterDicts keyed by task: "...lora_A.<task>" / "...lora_B.<task>".
-    for key in ("lora_A", "lora_B"):
-        marker = f".{key}."
-        if marker in name:
-            return ("." + name.split(marker, 1)[1].split(".")[0],)
-    return ()
+def _adapter_task(name: str) -> str | None:
+    """Adapter factors live in ParameterDicts keyed by adapter: "...lora_A.<task or 'shared'>"."""
+    for key in (".lora_A.", ".lora_B."):
+        if key in name:
+            return name.split(key, 1)[1].split(".")[0]
+    return None
