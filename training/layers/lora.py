@@ -269,7 +269,7 @@ class AdapterLinear(_TaskStreamLayer):
         delta = delta.reshape(*out.shape[:-1], -1).to(out.dtype)  # (T B) N (S o)
         if self.row_index is None:
             return out + delta
-        return out.index_add(-1, self.row_index, delta)
+        return add_to_rows(out, delta, self.row_slices)
 
     def _forward_merged(self, x: Tensor, tasks: Sequence[str]) -> Tensor:
         if not self.per_task:  # shared LoRA only: every merged task holds the same weight
@@ -359,6 +359,24 @@ class TaskLinear(_TaskStreamLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tasks={list(self.tasks)}"
+
+
+def add_to_rows(out: Tensor, delta: Tensor, row_slices: Sequence[tuple[int, int]]) -> Tensor:
+    """`out` (... out) plus `delta` (... S*o) added on the S row ranges, chunk i on row_slices[i].
+
+    Built with slices and one concatenation rather than index_add along the last axis, whose backward (an
+    index_select over the feature axis) cost a third of the adapter layer's training time on CPU.
+    """
+    size = row_slices[0][1] - row_slices[0][0]
+    pieces, cursor = [], 0
+    for start, stop, chunk in sorted((start, stop, i) for i, (start, stop) in enumerate(row_slices)):
+        if start > cursor:
+            pieces.append(out[..., cursor:start])
+        pieces.append(out[..., start:stop] + delta[..., chunk * size : (chunk + 1) * size])
+        cursor = stop
+    if cursor < out.shape[-1]:
+        pieces.append(out[..., cursor:])
+    return torch.cat(pieces, dim=-1)
 
 
 def _check_row_slices(row_slices: Sequence[tuple[int, int]] | None, out_features: int) -> tuple[tuple[int, int], ...]:
