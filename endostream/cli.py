@@ -107,6 +107,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ ablation
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    ab = sub.add_parser("ablate", help="Table V-style ablation: backbone only / +TESLA / +SMA / all")
+    ab.add_argument("--config", default="tiny", help="config shared by every row (default: tiny)")
+    ab.add_argument("--data", type=Path, required=True, help="dataset folder")
+    ab.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per row goes here")
+    ab.add_argument("--split", default="test", help="split the rows are scored on (default: test)")
+    ab.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    ab.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every row, e.g. train.epochs=5")
+    ab.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    from training.ablation import run_ablation
+
+    run_ablation(
+        args.config,
+        args.data,
+        args.out,
+        overrides=list(args.overrides),
+        split=args.split,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the main job on the embedded default: data -> tiny model -> evaluation")
@@ -157,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_ablate(sub)
     _add_demo(sub)
     _add_later(sub)
     return parser
