@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -138,7 +139,9 @@ def _pool(workers: int) -> Iterator[Any]:
     if workers <= 1:
         yield None
         return
-    with multiprocessing.get_context().Pool(workers, initializer=_single_threaded_worker) as pool:
+    # spawn, not fork: a forked child inherits the parent's OpenCV/OpenMP thread-pool locks in whatever state
+    # they were, and hangs on its first cv2 call when the parent (a trainer, a test run) had used them.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_threaded_worker) as pool:
         yield pool
 
 
@@ -318,7 +321,7 @@ def synthesize_dataset(
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `endostream data synth`."""
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to create")
-    parser.add_argument("--images", type=int, default=1500, help="still frames (default: 1500)")
+    parser.add_argument("--images", type=int, default=4000, help="still frames (default: 4000)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files")
     parser.add_argument("--video", type=int, default=0, metavar="K", help="also render K MP4 clips")
     parser.add_argument("--height", type=int, default=256, help="still frame height (default: 256)")
@@ -327,7 +330,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-seconds", type=float, default=6.0, help="clip length (default: 6)")
     parser.add_argument("--fps", type=int, default=30, help="clip frame rate (default: 30)")
     parser.add_argument("--video-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering images (same files for any)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes rendering images (default: all cores; same files for any)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a previously generated dataset in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
