@@ -137,7 +137,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the main job on the embedded default: data -> tiny model -> evaluation")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where data, run and results go")
-    demo.add_argument("--images", type=int, default=1500, help="generated images (train/val/test 70/15/15)")
+    demo.add_argument("--images", type=int, default=4000, help="generated images (train/val/test 70/15/15)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_run_demo)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from training.config import load_config
@@ -13,12 +14,12 @@ from training.trainer import train
 logger = logging.getLogger(__name__)
 
 
-def run_demo(workdir: Path, *, images: int = 1500, seed: int = 0) -> dict:
+def run_demo(workdir: Path, *, images: int = 4000, seed: int = 0) -> dict:
     """Data -> tiny model -> evaluation under `workdir`; each step is skipped when its output exists."""
     data = workdir / "data"
     if not (data / "labels.json").is_file():
         logger.info("generating %d synthetic endoscopy frames into %s", images, data)
-        synthesize_dataset(data, images=images, seed=seed)
+        synthesize_dataset(data, images=images, seed=seed, workers=os.cpu_count() or 1)
     run = workdir / "runs" / "tiny"
     if not (run / "best-merged" / "model.safetensors").is_file():
         train(load_config("tiny", [f"data.root={data}"]), run, resume=True)

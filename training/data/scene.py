@@ -27,7 +27,7 @@ consequences of the derived activity (closed jaws and tented tissue, open blades
 froth and ripples; see synth.py).
 
 Still frames aim each activity with probability 1/5. Targets lie MARGIN (0.02 S) inside their threshold and resting
-tips IDLE_GAP (0.07 S) outside it (resting scissors outside the lesion), so no frame sits on a knife edge and an idle
+tips IDLE_GAP (0.10 S) outside it (resting scissors outside the lesion), so no frame sits on a knife edge and an idle
 instrument visibly does not touch its target. Clips (`plan_clip`) move the instruments smoothly between
 rest and target positions while the camera drifts; the rule is applied per frame, so labels change exactly when a
 tip crosses a threshold.
@@ -72,7 +72,7 @@ CAUTERY_REACH = 0.03
 # Margins (times `slack`) that sampled targets keep inside, and resting tips keep outside, the thresholds: resting
 # tips stay clearly away from their targets so that "idle" is a visible state, not a one-pixel difference.
 MARGIN = 0.02
-IDLE_GAP = 0.07
+IDLE_GAP = 0.10
 TIP_FOV_FRACTION = 0.8  # tips lie within this fraction of the FoV radius
 
 # Instrument proportions: shaft half-width (fraction of S) and tip length (in half-widths).

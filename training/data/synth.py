@@ -5,7 +5,8 @@ A frame is composed in layers, all vectorised over pixels:
 1. tissue: pink-red mucosa from multi-octave value noise, a noise height field lit from the scope (Lambert),
    branching dark-red vessels, fat patches, blood-stained streaks, a raised nodular lesion (pale, purple or
    yellowish, with a hyperaemic rim), glossy blood pools, and specular glints that favour wet surfaces;
-2. consequences of the derived activity (scene.py has the rule), sized to stay visible at 1/2 resolution: a char
+2. consequences of the derived activity (scene.py has the rule), sized to stay visible at the tiny config's 96 px
+   (3/8 of 256; at 1/2-resolution sizes a tiny ViT from scratch learnt instrument presence but not the cues): a char
    spot under a cauterising hook, a pale tented patch with radial folds at closed grasper jaws, an incision (dark
    line in a pale coagulated rim) along the lesion edge at open scissors, froth and ripples around a suction tip;
    old char spots and faint haze appear on some other frames as distractors;
@@ -296,13 +297,13 @@ def _burn(rgb: np.ndarray, x: float, y: float, radius: float) -> None:
 
 def _folds(rng: np.random.Generator, rgb: np.ndarray, pose: InstrumentPose, size: int) -> None:
     """Tissue lifted by closed jaws: a paler tented patch and radial tension folds converging on the tip."""
-    reach = 0.16 * size
+    reach = 0.18 * size
     sy, sx, xs, ys = _box(pose.tip, reach, rgb.shape[1:])
     if xs.size == 0:
         return
     region = rgb[:, sy, sx]
     d2 = (xs - pose.tip[0]) ** 2 + (ys - pose.tip[1]) ** 2
-    _lerp(region, (0.95, 0.74, 0.70), 0.4 * np.exp(-d2 / (2 * (0.06 * size) ** 2)))
+    _lerp(region, (0.97, 0.80, 0.76), 0.6 * np.exp(-d2 / (2 * (0.08 * size) ** 2)))
     layer = np.zeros(xs.shape, np.uint8)
     back = math.atan2(pose.entry[1] - pose.tip[1], pose.entry[0] - pose.tip[0])
     cx, cy = pose.tip[0] - sx.start, pose.tip[1] - sy.start
@@ -311,22 +312,22 @@ def _folds(rng: np.random.Generator, rgb: np.ndarray, pose: InstrumentPose, size
         r0, r1 = 0.02 * size, reach * rng.uniform(0.6, 0.95)
         p0 = (round((cx + r0 * math.cos(angle)) * 16), round((cy + r0 * math.sin(angle)) * 16))
         p1 = (round((cx + r1 * math.cos(angle)) * 16), round((cy + r1 * math.sin(angle)) * 16))
-        cv2.line(layer, p0, p1, 255, max(1, round(0.016 * size)), cv2.LINE_AA, 4)
+        cv2.line(layer, p0, p1, 255, max(1, round(0.022 * size)), cv2.LINE_AA, 4)
     folds = cv2.GaussianBlur(layer.astype(np.float32) / 255, (0, 0), 0.004 * size + 0.6)
-    region *= (1 - 0.5 * folds)[None]
+    region *= (1 - 0.6 * folds)[None]
 
 
 def _incision(rgb: np.ndarray, tissue: np.ndarray, pose: InstrumentPose, size: int) -> None:
     """A fresh cut along the lesion edge near the scissors' tip: a dark red line in a pale coagulated rim."""
-    sy, sx, _, _ = _box(pose.tip, 0.2 * size, rgb.shape[1:])
+    sy, sx, _, _ = _box(pose.tip, 0.24 * size, rgb.shape[1:])
     lesion = (tissue[sy, sx] == LESION).astype(np.uint8)
     contours, _ = cv2.findContours(lesion, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     tip = (pose.tip[0] - sx.start, pose.tip[1] - sy.start)
-    for width, color, strength in ((0.04, (0.95, 0.82, 0.78), 0.7), (0.02, (0.30, 0.0, 0.02), 0.95)):
+    for width, color, strength in ((0.06, (0.95, 0.82, 0.78), 0.8), (0.03, (0.30, 0.0, 0.02), 0.95)):
         layer = np.zeros_like(lesion)
         for contour in contours:
             points = contour[:, 0, :]
-            near = np.hypot(points[:, 0] - tip[0], points[:, 1] - tip[1]) < 0.16 * size
+            near = np.hypot(points[:, 0] - tip[0], points[:, 1] - tip[1]) < 0.2 * size
             for i in np.flatnonzero(near[:-1] & near[1:]):
                 p0, p1 = tuple(int(v) for v in points[i]), tuple(int(v) for v in points[i + 1])
                 cv2.line(layer, p0, p1, 255, max(1, round(width * size)))
@@ -344,7 +345,7 @@ def _ripples(rgb: np.ndarray, tissue: np.ndarray, pose: InstrumentPose, size: in
     blood = tissue[sy, sx] == BLOOD
     rings = (0.5 + 0.5 * np.cos(d * 7 * np.pi)) ** 4 * np.clip(1 - d, 0, 1)
     froth = np.exp(-((d / 0.3) ** 2))
-    _lerp(rgb[:, sy, sx], (0.86, 0.42, 0.40), blood * np.clip(0.75 * froth + 0.6 * rings, 0, 1))
+    _lerp(rgb[:, sy, sx], (0.95, 0.62, 0.60), blood * np.clip(0.95 * froth + 0.7 * rings, 0, 1))
 
 
 # ------------------------------------------------------------------------------------------------ instruments
@@ -602,9 +603,9 @@ def compose_frame(
 
 def _set_opening(rng: np.random.Generator, pose: InstrumentPose, engaged: bool) -> None:
     if pose.kind == "grasper":
-        pose.opening = rng.uniform(0.0, 0.08) if engaged else rng.uniform(0.35, 1.0)
+        pose.opening = rng.uniform(0.0, 0.08) if engaged else rng.uniform(0.5, 1.0)
     elif pose.kind == "scissors":
-        pose.opening = rng.uniform(0.65, 1.0) if engaged else rng.uniform(0.0, 0.3)
+        pose.opening = rng.uniform(0.7, 1.0) if engaged else rng.uniform(0.0, 0.2)
     else:
         pose.opening = rng.uniform(0.0, 0.5)
 
