@@ -52,6 +52,7 @@ class HeadsConfig:
     segmentation_channels: int = 256
     activity_channels: int = 256
     dropout: float = 0.1
+    activity_pool: Literal["avg", "max", "avgmax"] = "avg"
 
 
 @dataclass

@@ -96,7 +96,9 @@ def build_model(
                 dropout=cfg.heads.dropout,
             )
         else:
-            heads[task["name"]] = ActivityHead(dim, classes, channels=cfg.heads.activity_channels)
+            heads[task["name"]] = ActivityHead(
+                dim, classes, channels=cfg.heads.activity_channels, pool=cfg.heads.activity_pool
+            )
     sma = None
     if cfg.sma.enabled:
         sma = SMA(

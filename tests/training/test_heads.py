@@ -63,6 +63,25 @@ def test_activity_head_shapes(grid):
     torch.testing.assert_close(head.fc(head(features, pre_logits=True)), head(features))
 
 
+def test_activity_pooling_variants():
+    features = torch.randn(2, 12, 3, 5)
+    heads = {pool: ActivityHead(12, 4, channels=8, pool=pool).eval() for pool in ("avg", "max", "avgmax")}
+    heads["max"].load_state_dict(heads["avg"].state_dict())
+    conv = heads["avg"].conv(features).flatten(2)  # B c hw
+    torch.testing.assert_close(heads["avg"](features, pre_logits=True), conv.mean(2))
+    torch.testing.assert_close(heads["max"](features, pre_logits=True), conv.amax(2))
+    both = heads["avgmax"]
+    assert both.num_features == 16 and both.fc.in_features == 16
+    assert both(features).shape == (2, 4)
+    # A cue confined to one cell of the grid raises every max-pooled feature.
+    heads["max"].conv[0].weight.data.abs_()
+    heads["max"].conv[1].bias.data.zero_()
+    spiked = features.clone()
+    spiked[:, :, 1, 2] += 50.0
+    change = heads["max"](spiked, pre_logits=True) - heads["max"](features, pre_logits=True)
+    assert (change > 0).all()
+
+
 def test_aspp_branches_and_output():
     aspp = ASPP(6, 10, rates=(1, 2, 3), dropout=0.0)
     assert len(aspp.branches) == 1 + 3 + 1  # 1x1, one per rate, image pooling
@@ -106,3 +125,5 @@ def test_heads_reject_bad_options():
         ASPP(4, 4, rates=(0, 2))
     with pytest.raises(ValueError, match="dropout"):
         ActivityHead(4, 2, dropout=1.0)
+    with pytest.raises(ValueError, match="pool"):
+        ActivityHead(4, 2, pool="median")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 # DeepLabV3's reference: a 513-px crop at output stride 16 gives a 33-cell map, i.e. ~32 cells per side.
 DEEPLAB_RATES = (6, 12, 18)
 DEEPLAB_GRID = 32
+POOLS = ("avg", "max", "avgmax")  # activity head global pooling
 
 
 def aspp_rates_for_grid(
@@ -163,26 +164,39 @@ class SegmentationHead(nn.Module):
 
 
 class ActivityHead(nn.Module):
-    """3x3 conv-BN-ReLU -> global average pool -> dropout -> linear: B D h w -> B K logits."""
+    """3x3 conv-BN-ReLU -> global pool -> dropout -> linear: B D h w -> B K logits."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.0, pool: str = "avg"
+    ) -> None:
         """
         Args:
             in_channels: token width D of the feature grid.
             num_classes: activity classes K.
-            channels: width of the conv and of the pooled features.
+            channels: width of the conv.
             dropout: dropout on the pooled features, before the classifier.
+            pool: "avg" (the paper's code), "max", or "avgmax" (both, concatenated). Max pooling keeps a cue
+                that covers a few tokens (a tool tip in blood) from being averaged away over the grid.
         """
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"ActivityHead dropout must be in [0, 1), got {dropout}")
-        self.num_features = channels
+        if pool not in POOLS:
+            raise ValueError(f"ActivityHead pool must be one of {POOLS}, got {pool!r}")
+        self.pool = pool
+        self.num_features = channels * (2 if pool == "avgmax" else 1)
         self.conv = _conv_bn_relu(in_channels, channels, 3)
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         """B D h w -> B K logits, or the B `num_features` pooled features when `pre_logits` (timm's convention)."""
-        x = self.conv(features).mean(dim=(2, 3))  # B c
+        x = self.conv(features).flatten(2)  # B c hw
+        if self.pool == "avg":
+            x = x.mean(dim=2)
+        elif self.pool == "max":
+            x = x.amax(dim=2)
+        else:
+            x = torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)  # B 2c
         x = self.drop(x)
         return x if pre_logits else self.fc(x)  # B K
