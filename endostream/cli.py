@@ -1,4 +1,4 @@
-"""`endostream` command line: data, train, eval, demo (export, serve, bench arrive with their issues).
+"""`endostream` command line: data, train, eval, ablate, demo, export (serve and bench arrive with their issues).
 
 Each subcommand imports its package lazily, so `endostream serve` will never import torch and `--help` is instant.
 """
@@ -149,9 +149,44 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="turn a checkpoint into a bundle (ONNX graph + manifest)")
+    export_sub = export.add_subparsers(dest="export_command", required=True)
+    onnx = export_sub.add_parser("onnx", help="one ONNX graph for all tasks, uint8 frames in, results out")
+    onnx.add_argument("checkpoint", type=Path, help="checkpoint directory (RUN/best or RUN/best-merged)")
+    onnx.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    onnx.add_argument("--height", type=int, help="model input height (default: the training size)")
+    onnx.add_argument("--width", type=int, help="model input width (default: the training size)")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default 18)")
+    onnx.add_argument("--logits", action="store_true", help="also output every task's logits")
+    onnx.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
+    onnx.set_defaults(func=_run_export_onnx)
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_onnx
+
+    result = export_onnx(
+        args.checkpoint,
+        args.out,
+        height=args.height,
+        width=args.width,
+        opset=args.opset,
+        logits=args.logits,
+        overwrite=args.overwrite,
+    )
+    parity = result.manifest.checks["parity"]
+    print(
+        f"{result.bundle}: {result.manifest.model_file} ({result.manifest.input.height}x{result.manifest.input.width}, "
+        f"opset {result.manifest.opset}), parity max prob diff {parity['max_prob_diff']:.1e}, "
+        f"mask agreement {parity['mask_agreement']:.4f}, {result.seconds:.1f} s"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ later issues
 _LATER = {
-    "export": "ONNX/TensorRT export of a checkpoint into a bundle",
     "serve": "the FastAPI inference service",
     "bench": "benchmarks that write JSON",
 }
@@ -185,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_ablate(sub)
     _add_demo(sub)
+    _add_export(sub)
     _add_later(sub)
     return parser
 

@@ -1,0 +1,94 @@
+"""Checks every exported graph passes: ONNX validity, weight content, and ONNX Runtime vs PyTorch parity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+ADAPTER_MARKERS = ("lora_", "tesla", "adapter")
+PROB_TOLERANCE = 1e-4
+MASK_AGREEMENT = 0.999
+
+
+def check_graph(path: Path) -> onnx.ModelProto:
+    """`onnx.checker` (full check, including shape inference) and strict shape inference; returns the model."""
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    return model
+
+
+def initializer_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer name -> number of elements (every weight the graph carries)."""
+    return {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer}
+
+
+def adapter_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers whose names mark them as adapter factors (must be none: factors are folded on export)."""
+    return [name for name in initializer_sizes(model) if any(m in name.lower() for m in ADAPTER_MARKERS)]
+
+
+@dataclass
+class ParityReport:
+    """ONNX Runtime against the PyTorch wrapper on the same frames, per batch size tried."""
+
+    batches: list[int]
+    max_prob_diff: float
+    mask_agreement: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def onnxruntime_session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    graph: nn.Module,
+    path: Path,
+    frames: np.ndarray,
+    kinds: Sequence[str],
+    *,
+    batches: Sequence[int] = (1, 8),
+) -> ParityReport:
+    """Run `frames` (N H W 3 uint8) through the wrapper and the ONNX graph at each batch size and compare.
+
+    Args:
+        graph: the `BundleGraph` that was exported.
+        path: the exported `model.onnx`.
+        frames: test frames; batches of each size are cut from them (repeating frames when N is smaller).
+        kinds: per graph output, "probabilities", "class_map" or "logits" (logits are compared like probabilities).
+    """
+    session = onnxruntime_session(path)
+    prob_diff, agree, total = 0.0, 0, 0
+    for batch in batches:
+        index = np.arange(batch) % len(frames)
+        x = np.ascontiguousarray(frames[index])
+        ours = session.run(None, {session.get_inputs()[0].name: x})
+        with torch.no_grad():
+            reference = [t.numpy() for t in graph(torch.from_numpy(x))]
+        for kind, got, want in zip(kinds, ours, reference, strict=True):
+            if got.shape != want.shape:
+                raise AssertionError(f"ONNX output shape {got.shape} != PyTorch {want.shape} at batch {batch}")
+            if kind == "class_map":
+                agree += int((got == want).sum())
+                total += got.size
+            elif kind == "probabilities":
+                prob_diff = max(prob_diff, float(np.abs(got - want).max()))
+    agreement = agree / total if total else 1.0
+    passed = prob_diff <= PROB_TOLERANCE and agreement >= MASK_AGREEMENT
+    return ParityReport(list(batches), prob_diff, agreement, passed)

@@ -1,0 +1,114 @@
+"""The export-only wrapper: raw frames in, finished per-task results out, everything between in one graph.
+
+The service resizes a frame to the model resolution and hands over the uint8 NHWC RGB array as it is; the graph
+does the layout change, scaling and mean/std normalisation (the model's own buffers), runs every task stream in one
+batched pass on the per-task stacked weights, and ends in the results the service returns: class probabilities
+(softmax) per classification task and a uint8 class-index map per segmentation task. Logits are optional outputs.
+
+The model code stays export-agnostic: this module only wraps a merged model and pins its position grid.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from training.checkpoint import merged_copy
+from training.layers.pos_embed import resample_pos_embed
+from training.models.endoarss import EndoARSS
+
+INPUT_NAME = "frames"
+
+
+@dataclass(frozen=True)
+class GraphOutput:
+    """One graph output: which task it belongs to and what it holds."""
+
+    name: str
+    task: str
+    kind: str  # "probabilities" | "class_map" | "logits"
+
+
+def graph_outputs(model: EndoARSS, logits: bool = False) -> list[GraphOutput]:
+    """Output names in graph order: `<task>_probs` for classification, `<task>` (class map) for segmentation.
+
+    With the EndoARSS task names this gives `activity_probs` and `segmentation` (plus `<task>_logits` with `logits`).
+    """
+    outputs = []
+    for task in model.tasks:
+        if model.task_kinds[task] == "classification":
+            outputs.append(GraphOutput(f"{task}_probs", task, "probabilities"))
+        else:
+            outputs.append(GraphOutput(task, task, "class_map"))
+    if logits:
+        outputs += [GraphOutput(f"{task}_logits", task, "logits") for task in model.tasks]
+    return outputs
+
+
+def pin_position_grid(model: EndoARSS, height: int, width: int) -> None:
+    """Store the position table resampled for a fixed `height` x `width` input, in place.
+
+    The graph then adds a constant instead of resampling the table (a bicubic Resize) on every call; the values are
+    exactly those the dynamic path computes for this size.
+    """
+    backbone = model.backbone
+    grid = backbone.grid_size(height, width)
+    with torch.no_grad():
+        table = resample_pos_embed(
+            backbone.pos_embed,
+            grid,
+            backbone.pos_grid,
+            num_prefix_tokens=1,
+            interpolate_offset=backbone.interpolate_offset,
+            antialias=backbone.interpolate_antialias,
+        )
+    backbone.pos_embed = nn.Parameter(table.detach().clone(), requires_grad=False)
+    backbone.pos_grid = grid
+    backbone.img_size = (height, width)
+
+
+def prepare_for_export(model: EndoARSS, height: int, width: int, *, merged: bool) -> EndoARSS:
+    """An inference copy of `model` for a fixed input size: adapters folded, position grid pinned, eval mode.
+
+    Args:
+        model: a trained model (left untouched).
+        height: model input height in pixels (a multiple of the patch size).
+        width: model input width in pixels.
+        merged: `model` already holds merged per-task weights (a `best-merged` checkpoint).
+    """
+    prepared = copy.deepcopy(model if merged else merged_copy(model))
+    pin_position_grid(prepared, height, width)
+    for param in prepared.parameters():
+        param.requires_grad_(False)
+    return prepared.eval()
+
+
+class BundleGraph(nn.Module):
+    """uint8 frames (B H W 3, RGB) -> per-task results, in `graph_outputs` order."""
+
+    def __init__(self, model: EndoARSS, *, logits: bool = False) -> None:
+        """
+        Args:
+            model: a merged model in eval mode (see `prepare_for_export`).
+            logits: also return the raw logits of every task (after the results).
+        """
+        super().__init__()
+        self.model = model
+        self.outputs = graph_outputs(model, logits)
+        self.logits = logits
+
+    def forward(self, frames: Tensor) -> tuple[Tensor, ...]:
+        images = frames.permute(0, 3, 1, 2)  # B 3 H W, still uint8: the model scales and normalises
+        raw = self.model(images)
+        results: list[Tensor] = []
+        for task in self.model.tasks:
+            if self.model.task_kinds[task] == "classification":
+                results.append(raw[task].softmax(dim=1))  # B K
+            else:
+                results.append(raw[task].argmax(dim=1).to(torch.uint8))  # B H W; < 256 classes (checked on export)
+        if self.logits:
+            results += [raw[task] for task in self.model.tasks]
+        return tuple(results)

@@ -1,0 +1,202 @@
+"""`endostream export onnx`: checkpoint -> bundle (one ONNX graph for all tasks + manifest), checked before it is kept.
+
+Steps: load the checkpoint; fold every LoRA/TESLA factor into per-task weights (unless the checkpoint is merged
+already); pin the position grid to the export size; export the `BundleGraph` wrapper with a dynamic batch axis in
+export mode (explicit attention instead of fused SDPA); run `onnx.checker` and shape inference; compare ONNX Runtime
+with PyTorch on generated endoscopy frames at batch 1 and 8; write `manifest.json`. A graph that fails a check is not
+left in the bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from export.checks import adapter_initializers, check_graph, check_parity, initializer_sizes
+from export.graph import INPUT_NAME, BundleGraph, GraphOutput, graph_outputs, prepare_for_export
+from export.manifest import MODEL_FILE, InputSpec, Manifest, TaskEntry, sha256_file, write_manifest
+from training.checkpoint import WEIGHTS_FILE, load_checkpoint
+from training.data.synth import render_image
+from training.layers.export_mode import exportable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17  # LayerNormalization is a standard op from 17 on
+PARITY_FRAMES = 8
+PARITY_SEED = 20261123
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    manifest: Manifest
+    seconds: float
+
+
+def generated_frames(count: int, height: int, width: int, seed: int = PARITY_SEED) -> np.ndarray:
+    """`count` synthetic endoscopy frames (N H W 3 uint8 RGB) resized to the model size, as the service would."""
+    frames = [render_image(seed, i, 256, 256).image for i in range(count)]
+    return np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+# Loggers of the exporter stack that report every rewrite (INFO) or torchvision ops we never use (WARNING).
+_CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx._internal.exporter._registration")
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _exporter_version() -> str:
+    try:
+        return metadata.version("endostream")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def export_onnx(
+    checkpoint: Path,
+    out: Path,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    logits: bool = False,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export `checkpoint` into the bundle folder `out`.
+
+    Args:
+        checkpoint: a checkpoint directory (`RUN/best` or `RUN/best-merged`).
+        out: bundle folder; must not hold a bundle unless `overwrite`.
+        height: model input height (default: the training `model.image_size`); a multiple of the patch size.
+        width: model input width (default: the training size).
+        opset: ONNX opset (at least 17).
+        logits: add `<task>_logits` outputs.
+        overwrite: replace an existing bundle in `out`.
+
+    Raises:
+        ValueError: bad size or opset, an existing bundle, or a graph that fails a check (nothing is kept then).
+    """
+    started = time.perf_counter()
+    checkpoint, out = Path(checkpoint), Path(out)
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: use --opset {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
+    if (out / MODEL_FILE).exists() and not overwrite:
+        raise ValueError(f"{out} already holds a bundle; pass --overwrite to replace it or choose another --out")
+    ckpt = load_checkpoint(checkpoint)
+    size = ckpt.config.model.image_size
+    height, width = height or size[0], width or size[1]
+    patch = ckpt.model.backbone.patch_size
+    if height % patch or width % patch:
+        raise ValueError(
+            f"--height/--width {height}x{width} must be multiples of the patch size {patch}: "
+            f"try {height // patch * patch}x{width // patch * patch}"
+        )
+    for task in ckpt.labels["tasks"]:
+        if task["kind"] == "segmentation" and len(task["classes"]) > 256:
+            raise ValueError(f"task {task['name']!r} has {len(task['classes'])} classes; the uint8 map holds 256")
+    model = prepare_for_export(ckpt.model, height, width, merged=ckpt.merged)
+    graph = BundleGraph(model, logits=logits).eval()
+    outputs = graph_outputs(model, logits)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MODEL_FILE
+    sample = torch.from_numpy(generated_frames(2, height, width))
+    logger.info("exporting %s at %dx%d (opset %d) to %s", checkpoint, height, width, opset, path)
+    try:
+        with exportable(), torch.no_grad(), _quiet_exporter_logs():
+            torch.onnx.export(
+                graph,
+                (sample,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[o.name for o in outputs],
+                dynamic_shapes={"frames": {0: torch.export.Dim("batch", min=1, max=1024)}},
+                opset_version=opset,
+                external_data=False,
+                dynamo=True,
+                optimize=False,
+            )
+        proto = check_graph(path)
+        leftovers = adapter_initializers(proto)
+        if leftovers:
+            raise ValueError(f"adapter factors left in the graph: {leftovers[:5]}")
+        frames = generated_frames(PARITY_FRAMES, height, width)
+        parity = check_parity(graph, path, frames, [o.kind for o in outputs])
+        if not parity.passed:
+            raise ValueError(
+                f"ONNX Runtime disagrees with PyTorch: max probability difference {parity.max_prob_diff:.2e} "
+                f"(limit 1e-4), mask agreement {parity.mask_agreement:.5f} (limit 0.999)"
+            )
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    logger.info(
+        "checks passed: onnx.checker (full), shape inference, parity at batch %s (max prob diff %.1e, masks %.4f)",
+        parity.batches,
+        parity.max_prob_diff,
+        parity.mask_agreement,
+    )
+    manifest = Manifest(
+        family=ckpt.config.model.family,
+        name=ckpt.config.name,
+        tasks=_task_entries(ckpt.labels["tasks"], outputs),
+        input=InputSpec(INPUT_NAME, "NHWC", "uint8", height, width, "RGB"),
+        precision="fp32",
+        opset=opset,
+        model_file=MODEL_FILE,
+        model_sha256=sha256_file(path),
+        checkpoint_sha256=sha256_file(checkpoint / WEIGHTS_FILE),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        exporter_version=_exporter_version(),
+        checks={
+            "onnx_checker": "full",
+            "parity": parity.to_dict(),
+            "weights": sum(initializer_sizes(proto).values()),
+            "source_checkpoint": str(checkpoint),
+            "source_merged": ckpt.merged,
+        },
+    )
+    write_manifest(out, manifest)
+    seconds = time.perf_counter() - started
+    logger.info("bundle written to %s in %.1f s", out, seconds)
+    return ExportResult(out, manifest, seconds)
+
+
+def _task_entries(tasks: list[dict], outputs: list[GraphOutput]) -> list[TaskEntry]:
+    entries = []
+    for task in tasks:
+        result = next(o.name for o in outputs if o.task == task["name"] and o.kind != "logits")
+        raw = next((o.name for o in outputs if o.task == task["name"] and o.kind == "logits"), None)
+        colors = task.get("colors")
+        entries.append(
+            TaskEntry(
+                name=task["name"],
+                kind=task["kind"],
+                classes=list(task["classes"]),
+                output=result,
+                colors=[list(c) for c in colors] if colors else None,
+                logits_output=raw,
+            )
+        )
+    return entries
