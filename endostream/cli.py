@@ -1,4 +1,4 @@
-"""`endostream` command line: data, train, eval, ablate, demo, export (serve and bench arrive with their issues).
+"""`endostream` command line: data, train, eval, ablate, demo, export, bench (serve arrives with its issue).
 
 Each subcommand imports its package lazily, so `endostream serve` will never import torch and `--help` is instant.
 """
@@ -185,10 +185,54 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that write JSON")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    engine = bench_sub.add_parser("engine", help="latency (batch 1) and throughput of a bundle per backend")
+    engine.add_argument("bundle", type=Path, help="bundle folder (from `endostream export onnx`)")
+    engine.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch (default onnxruntime)")
+    engine.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (torch backend)")
+    engine.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="BACKEND[:PRECISION]",
+        help="several variants side by side, e.g. torch onnxruntime; ratios are against the first",
+    )
+    engine.add_argument("--json", type=Path, required=True, help="where the results go")
+    engine.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="throughput batch sizes")
+    engine.add_argument("--runs", type=int, default=100, help="timed calls at batch 1")
+    engine.add_argument("--warmup", type=int, default=10)
+    engine.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (torch backend)")
+    engine.set_defaults(func=_run_bench_engine)
+
+
+def _run_bench_engine(args: argparse.Namespace) -> int:
+    import json
+
+    from export.bench import bench_engine, format_table
+
+    variants = args.compare or [f"{args.backend}:{args.precision}"]
+    report = bench_engine(
+        args.bundle,
+        variants,
+        batches=args.batches,
+        warmup=args.warmup,
+        runs=args.runs,
+        threads=args.threads,
+        device=args.device,
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print(f"results: {args.json}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ later issues
 _LATER = {
     "serve": "the FastAPI inference service",
-    "bench": "benchmarks that write JSON",
 }
 
 
@@ -221,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ablate(sub)
     _add_demo(sub)
     _add_export(sub)
+    _add_bench(sub)
     _add_later(sub)
     return parser
 

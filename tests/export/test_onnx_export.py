@@ -19,57 +19,14 @@ from endostream.cli import main
 from export.checks import adapter_initializers, initializer_sizes, onnxruntime_session
 from export.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest, sha256_file
 from export.onnx_export import export_onnx, generated_frames
+from tests.export.conftest import SIZE, make_checkpoint
 from training.adapters import AdapterLinear
-from training.checkpoint import save_checkpoint
-from training.config import load_config
-from training.data.writer import synth_labels
-from training.factory import build_model
+from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 
-SIZE = 64
-SMALL = [
-    f"model.image_size=[{SIZE}, {SIZE}]",
-    "model.heads.segmentation_channels=16",
-    "model.heads.activity_channels=16",
-    "model.backbone.overrides={embed_dim: 32, depth: 2, num_heads: 2}",
-]
-
-
-def _checkpoint(root: Path, overrides: list[str], *, merged: bool = False) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("tiny", SMALL + overrides)
-    labels = synth_labels({}).to_dict()
-    model = build_model(cfg.model, labels["tasks"])
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 1.5)
-    model.eval()
-    return save_checkpoint(model, cfg, labels, root, merged=merged)
-
-
-@pytest.fixture(scope="module")
-def endoarss_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SMA + shared LoRA + TESLA on 2 tasks, unmerged (the exporter folds the factors)."""
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "best", [])
-
-
-@pytest.fixture(scope="module")
-def endoarss_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundle")
-    export_onnx(endoarss_ckpt, out, overwrite=True)
-    return out
-
 
 def _torch_reference(ckpt: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
-    from training.checkpoint import load_checkpoint
-
     model = load_checkpoint(ckpt).model.eval()
     with torch.no_grad():
         out = model(torch.from_numpy(frames).permute(0, 3, 1, 2))
@@ -112,8 +69,6 @@ def test_graph_interface_is_uint8_nhwc_in_and_results_out(endoarss_bundle: Path)
 
 def test_graph_weights_are_base_plus_per_task_deltas(endoarss_bundle: Path, endoarss_ckpt: Path):
     """Every weight once, adapted layers once per task with the factors folded in, and nothing else."""
-    from training.checkpoint import load_checkpoint
-
     model = load_checkpoint(endoarss_ckpt).model
     tasks = model.tasks
     adapted = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
@@ -147,14 +102,14 @@ def test_graph_weights_are_base_plus_per_task_deltas(endoarss_bundle: Path, endo
 
 
 def test_model_without_sma_exports_with_parity(tmp_path: Path):
-    ckpt = _checkpoint(tmp_path / "best", ["model.sma.enabled=false"])
+    ckpt = make_checkpoint(tmp_path / "best", ["model.sma.enabled=false"])
     result = export_onnx(ckpt, tmp_path / "bundle")
     assert result.manifest.checks["parity"]["passed"]
     _assert_parity(tmp_path / "bundle", ckpt, 8)
 
 
 def test_merged_checkpoint_gives_the_same_graph_results(tmp_path: Path, endoarss_bundle: Path, endoarss_ckpt: Path):
-    merged = _checkpoint(tmp_path / "best-merged", [], merged=True)
+    merged = make_checkpoint(tmp_path / "best-merged", [], merged=True)
     export_onnx(merged, tmp_path / "bundle", logits=True)
     frames = generated_frames(4, SIZE, SIZE, seed=9)
     a = onnxruntime_session(endoarss_bundle / MODEL_FILE).run(None, {"frames": frames})

@@ -1,0 +1,202 @@
+"""`endostream bench engine`: latency and throughput of a bundle on several backends, side by side in one run.
+
+Each variant (backend + precision) gets a warm-up, then timed calls at batch 1 (p50/p95/p99/max) and a throughput
+sweep over batch sizes. Frames are generated endoscopy frames at the bundle's input size, so every variant sees the
+same inputs. With several variants, ratios against the first one are reported (> 1 = faster than the first).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.checks import onnxruntime_session
+from export.graph import BundleGraph, prepare_for_export
+from export.manifest import Manifest, read_manifest
+from export.onnx_export import generated_frames
+
+BACKENDS = ("onnxruntime", "torch")  # tensorrt joins with its engine builder
+DEFAULT_BATCHES = (1, 2, 4, 8)
+
+Runner = Callable[[np.ndarray], Any]
+
+
+@dataclass
+class LatencyStats:
+    """Per-call wall time in milliseconds."""
+
+    runs: int
+    mean: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> LatencyStats:
+        ms = np.asarray(seconds) * 1000.0
+        q = np.percentile(ms, [50, 95, 99])
+        return cls(len(ms), float(ms.mean()), float(q[0]), float(q[1]), float(q[2]), float(ms.max()))
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    backend: str
+    precision: str
+    batch1: LatencyStats
+    throughput_fps: dict[int, float] = field(default_factory=dict)  # batch -> frames per second
+    best_batch: int = 1
+    best_fps: float = 0.0
+
+
+def onnxruntime_runner(bundle: Path, manifest: Manifest, threads: int | None) -> Runner:
+    session = onnxruntime_session(bundle / manifest.model_file, threads=threads)
+    name = manifest.input.name
+    return lambda frames: session.run(None, {name: frames})
+
+
+def torch_runner(manifest: Manifest, precision: str, device: str) -> Runner:
+    """PyTorch eager on the bundle's source checkpoint: the same merged model and wrapper that were exported."""
+    from training.checkpoint import load_checkpoint
+
+    source = Path(manifest.checks.get("source_checkpoint", ""))
+    if not (source / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the torch backend runs the bundle's source checkpoint, but {source} is not there any more; "
+            f"benchmark on the machine that exported the bundle or restore the checkpoint"
+        )
+    ckpt = load_checkpoint(source)
+    model = prepare_for_export(ckpt.model, manifest.input.height, manifest.input.width, merged=ckpt.merged)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    graph = BundleGraph(model).to(device=device, dtype=dtype).eval()
+
+    def run(frames: np.ndarray) -> Any:
+        with torch.inference_mode():
+            out = graph(torch.from_numpy(frames).to(device))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return out
+
+    return run
+
+
+def time_calls(run: Runner, frames: np.ndarray, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        run(frames)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(frames)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def parse_variant(text: str) -> tuple[str, str]:
+    """ "onnxruntime" or "torch:fp16" -> (backend, precision); precision defaults to fp32."""
+    backend, _, precision = text.partition(":")
+    precision = precision or "fp32"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} in {text!r}; this release has {BACKENDS} (e.g. torch:fp32)")
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"unknown precision {precision!r} in {text!r}; use fp32, fp16 or bf16")
+    return backend, precision
+
+
+def bench_engine(
+    bundle: Path,
+    variants: Sequence[str],
+    *,
+    batches: Sequence[int] = DEFAULT_BATCHES,
+    warmup: int = 10,
+    runs: int = 100,
+    threads: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark `variants` (e.g. ["onnxruntime", "torch"]) of `bundle` one after another on the same frames.
+
+    Args:
+        threads: intra-op threads for both runtimes (default: what each runtime picks, all cores).
+        runs: timed calls at batch 1; the throughput sweep uses max(10, runs // 4) calls per batch size.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    if threads:
+        torch.set_num_threads(threads)
+    frames = generated_frames(max(batches), manifest.input.height, manifest.input.width)
+    results: list[VariantResult] = []
+    for text in variants:
+        backend, precision = parse_variant(text)
+        if backend == "onnxruntime" and precision != manifest.precision:
+            raise ValueError(f"the bundle graph is {manifest.precision}; onnxruntime runs it as is (use onnxruntime)")
+        run = (
+            onnxruntime_runner(bundle, manifest, threads)
+            if backend == "onnxruntime"
+            else torch_runner(manifest, precision, device)
+        )
+        batch1 = time_calls(run, frames[:1], warmup, runs)
+        result = VariantResult(text, backend, precision, LatencyStats.of(batch1))
+        for batch in tqdm(batches, desc=f"{text} throughput", disable=not progress, leave=False):
+            seconds = time_calls(run, frames[:batch], max(2, warmup // 2), max(10, runs // 4))
+            result.throughput_fps[batch] = batch / statistics.median(seconds)
+        result.best_batch = max(result.throughput_fps, key=result.throughput_fps.get)
+        result.best_fps = result.throughput_fps[result.best_batch]
+        results.append(result)
+    first = results[0]
+    return {
+        "bundle": str(bundle),
+        "model": {"family": manifest.family, "name": manifest.name, "input": asdict(manifest.input)},
+        "machine": _machine(threads, device),
+        "settings": {"batches": list(batches), "warmup": warmup, "runs": runs},
+        "variants": [asdict(r) for r in results],
+        "ratios_vs_first": {
+            r.variant: {
+                "batch1_p50_speedup": first.batch1.p50 / r.batch1.p50,
+                "throughput_speedup": r.best_fps / first.best_fps,
+            }
+            for r in results
+        },
+    }
+
+
+def _machine(threads: int | None, device: str) -> dict[str, Any]:
+    import onnxruntime
+
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": threads or "default",
+        "device": device,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Markdown: one row per variant, batch-1 percentiles, best throughput, ratios against the first variant."""
+    lines = [
+        "| Variant | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | best fps (batch) | ×p50 vs first | ×fps vs first |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in report["variants"]:
+        b, ratio = v["batch1"], report["ratios_vs_first"][v["variant"]]
+        lines.append(
+            f"| {v['variant']} | {b['p50']:.2f} | {b['p95']:.2f} | {b['p99']:.2f} | {b['max']:.2f} | "
+            f"{v['best_fps']:.1f} ({v['best_batch']}) | {ratio['batch1_p50_speedup']:.2f} | "
+            f"{ratio['throughput_speedup']:.2f} |"
+        )
+    return "\n".join(lines)

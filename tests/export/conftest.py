@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-init EndoARSS checkpoints and their bundles (nothing downloaded, nothing trained)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.onnx_export import export_onnx
+from training.checkpoint import save_checkpoint
+from training.config import load_config
+from training.data.writer import synth_labels
+from training.factory import build_model
+
+SIZE = 64
+SMALL = [
+    f"model.image_size=[{SIZE}, {SIZE}]",
+    "model.heads.segmentation_channels=16",
+    "model.heads.activity_channels=16",
+    "model.backbone.overrides={embed_dim: 32, depth: 2, num_heads: 2}",
+]
+
+
+def make_checkpoint(root: Path, overrides: list[str], *, merged: bool = False) -> Path:
+    torch.manual_seed(0)
+    cfg = load_config("tiny", SMALL + overrides)
+    labels = synth_labels({}).to_dict()
+    model = build_model(cfg.model, labels["tasks"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    model.eval()
+    return save_checkpoint(model, cfg, labels, root, merged=merged)
+
+
+@pytest.fixture(scope="session")
+def endoarss_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SMA + shared LoRA + TESLA on 2 tasks, unmerged (the exporter folds the factors)."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", [])
+
+
+@pytest.fixture(scope="session")
+def endoarss_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle")
+    export_onnx(endoarss_ckpt, out, overwrite=True)
+    return out

@@ -1,0 +1,76 @@
+"""`endostream bench engine`: side-by-side variants on one bundle, JSON report with percentiles and ratios."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from endostream.cli import main
+from export.bench import bench_engine, format_table, parse_variant
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_compare_reports_every_variant_with_consistent_statistics(endoarss_bundle: Path):
+    report = bench_engine(
+        endoarss_bundle, ["torch", "onnxruntime"], batches=(1, 2), warmup=1, runs=8, threads=1, progress=False
+    )
+    names = [v["variant"] for v in report["variants"]]
+    assert names == ["torch", "onnxruntime"]
+    for variant in report["variants"]:
+        stats = variant["batch1"]
+        assert stats["runs"] == 8
+        assert 0 < stats["p50"] <= stats["p95"] <= stats["p99"] <= stats["max"]
+        assert set(variant["throughput_fps"]) == {1, 2} and variant["best_fps"] == max(
+            variant["throughput_fps"].values()
+        )
+    torch_p50 = report["variants"][0]["batch1"]["p50"]
+    ort_p50 = report["variants"][1]["batch1"]["p50"]
+    assert report["ratios_vs_first"]["torch"]["batch1_p50_speedup"] == 1.0
+    assert report["ratios_vs_first"]["onnxruntime"]["batch1_p50_speedup"] == pytest.approx(torch_p50 / ort_p50)
+    assert report["machine"]["threads"] == 1 and report["model"]["input"]["height"] == 64
+    table = format_table(report)
+    assert table.count("\n") == 3 and "| onnxruntime |" in table
+
+
+def test_cli_writes_json(endoarss_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "bench" / "engine.json"
+    code = main(
+        [
+            "bench",
+            "engine",
+            str(endoarss_bundle),
+            "--json",
+            str(out),
+            "--runs",
+            "4",
+            "--warmup",
+            "1",
+            "--batches",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [v["variant"] for v in report["variants"]] == ["onnxruntime:fp32"]
+    assert "| onnxruntime:fp32 |" in capsys.readouterr().out
+
+
+def test_bad_variants_and_missing_source_are_explained(endoarss_bundle: Path, tmp_path: Path):
+    assert parse_variant("torch:fp16") == ("torch", "fp16")
+    with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
+        parse_variant("tensorflow")
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        parse_variant("torch:int4")
+    moved = tmp_path / "bundle"
+    shutil.copytree(endoarss_bundle, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["checks"]["source_checkpoint"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="source checkpoint"):
+        bench_engine(moved, ["torch"], batches=(1,), warmup=0, runs=1, progress=False)
