@@ -162,6 +162,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     onnx.add_argument("--logits", action="store_true", help="also output every task's logits")
     onnx.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     onnx.set_defaults(func=_run_export_onnx)
+    triton = export_sub.add_parser("triton", help="a Triton Inference Server model repository from a bundle")
+    triton.add_argument("bundle", type=Path, help="bundle folder (from `endostream export onnx`)")
+    triton.add_argument("--out", type=Path, required=True, help="model repository folder")
+    triton.add_argument("--name", help="model name (default: <family>_<name> from the manifest)")
+    triton.add_argument("--max-batch", type=int, default=8, help="Triton max_batch_size (default 8)")
+    triton.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching delay (default 2000)")
+    triton.add_argument("--instances", type=int, default=1, help="model instances per device")
+    triton.add_argument("--kind", choices=["gpu", "cpu"], default="gpu", help="instance kind (default gpu)")
+    triton.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    triton.set_defaults(func=_run_export_triton)
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
@@ -227,6 +237,23 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"results: {args.json}")
+    return 0
+
+
+def _run_export_triton(args: argparse.Namespace) -> int:
+    from export.triton import write_triton_repository
+
+    folder = write_triton_repository(
+        args.bundle,
+        args.out,
+        name=args.name,
+        max_batch=args.max_batch,
+        max_queue_delay_us=args.max_queue_delay_us,
+        instances=args.instances,
+        kind=args.kind,
+        overwrite=args.overwrite,
+    )
+    print(f"Triton model written to {folder}; serve with: tritonserver --model-repository {args.out}")
     return 0
 
 
