@@ -160,6 +160,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     onnx.add_argument("--width", type=int, help="model input width (default: the training size)")
     onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default 18)")
     onnx.add_argument("--logits", action="store_true", help="also output every task's logits")
+    onnx.add_argument("--tasks", nargs="+", help="export only these tasks (default: all, in one fused graph)")
     onnx.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     onnx.set_defaults(func=_run_export_onnx)
     triton = export_sub.add_parser("triton", help="a Triton Inference Server model repository from a bundle")
@@ -184,6 +185,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         width=args.width,
         opset=args.opset,
         logits=args.logits,
+        tasks=args.tasks,
         overwrite=args.overwrite,
     )
     parity = result.manifest.checks["parity"]
@@ -200,7 +202,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     engine = bench_sub.add_parser("engine", help="latency (batch 1) and throughput of a bundle per backend")
-    engine.add_argument("bundle", type=Path, help="bundle folder (from `endostream export onnx`)")
+    engine.add_argument(
+        "bundles",
+        nargs="+",
+        help="bundle folders (from `endostream export onnx`); A+B runs both on every call (one graph per task)",
+    )
     engine.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch (default onnxruntime)")
     engine.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (torch backend)")
     engine.add_argument(
@@ -225,7 +231,7 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
 
     variants = args.compare or [f"{args.backend}:{args.precision}"]
     report = bench_engine(
-        args.bundle,
+        args.bundles,
         variants,
         batches=args.batches,
         warmup=args.warmup,

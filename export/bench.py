@@ -1,8 +1,8 @@
 """`endostream bench engine`: latency and throughput of a bundle on several backends, side by side in one run.
 
-Each variant (backend + precision) gets a warm-up, then timed calls at batch 1 (p50/p95/p99/max) and a throughput
-sweep over batch sizes. Frames are generated endoscopy frames at the bundle's input size, so every variant sees the
-same inputs. With several variants, ratios against the first one are reported (> 1 = faster than the first).
+Each variant (bundle or group of bundles x backend + precision) gets a warm-up, then timed calls at batch 1
+(p50/p95/p99/max) and a throughput sweep over batch sizes. Frames are generated endoscopy frames at the bundles' input
+size, so every variant sees the same inputs. Ratios against the first variant are reported (> 1 = faster than it).
 """
 
 from __future__ import annotations
@@ -113,8 +113,29 @@ def parse_variant(text: str) -> tuple[str, str]:
     return backend, precision
 
 
+def parse_bundle_group(spec: str | Path) -> list[Path]:
+    """ "bundles/all" -> one bundle; "bundles/act+bundles/seg" -> bundles run one after the other on every call."""
+    return [Path(part) for part in str(spec).split("+")]
+
+
+def _group_runner(
+    bundles: list[Path], manifests: list[Manifest], backend: str, precision: str, threads: int | None, device: str
+) -> Runner:
+    runners = []
+    for bundle, manifest in zip(bundles, manifests, strict=True):
+        if backend == "onnxruntime":
+            if precision != manifest.precision:
+                raise ValueError(f"{bundle} holds a {manifest.precision} graph; onnxruntime runs it as it is")
+            runners.append(onnxruntime_runner(bundle, manifest, threads))
+        else:
+            runners.append(torch_runner(manifest, precision, device))
+    if len(runners) == 1:
+        return runners[0]
+    return lambda frames: [run(frames) for run in runners]
+
+
 def bench_engine(
-    bundle: Path,
+    bundles: Sequence[str | Path],
     variants: Sequence[str],
     *,
     batches: Sequence[int] = DEFAULT_BATCHES,
@@ -124,39 +145,44 @@ def bench_engine(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Benchmark `variants` (e.g. ["onnxruntime", "torch"]) of `bundle` one after another on the same frames.
+    """Benchmark every bundle group x variant (e.g. ["onnxruntime", "torch"]) one after another on the same frames.
 
     Args:
+        bundles: bundle folders; "a+b" is a group whose bundles all run on every call (e.g. one graph per task,
+            to compare with the fused graph). All must take the same input size.
         threads: intra-op threads for both runtimes (default: what each runtime picks, all cores).
         runs: timed calls at batch 1; the throughput sweep uses max(10, runs // 4) calls per batch size.
     """
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    groups = {str(spec): parse_bundle_group(spec) for spec in bundles}
+    manifests = {spec: [read_manifest(b) for b in paths] for spec, paths in groups.items()}
+    sizes = {(m.input.height, m.input.width) for group in manifests.values() for m in group}
+    if len(sizes) != 1:
+        raise ValueError(f"bundles compared side by side must share one input size; got {sorted(sizes)}")
+    ((height, width),) = sizes
     if threads:
         torch.set_num_threads(threads)
-    frames = generated_frames(max(batches), manifest.input.height, manifest.input.width)
+    frames = generated_frames(max(batches), height, width)
     results: list[VariantResult] = []
-    for text in variants:
-        backend, precision = parse_variant(text)
-        if backend == "onnxruntime" and precision != manifest.precision:
-            raise ValueError(f"the bundle graph is {manifest.precision}; onnxruntime runs it as is (use onnxruntime)")
-        run = (
-            onnxruntime_runner(bundle, manifest, threads)
-            if backend == "onnxruntime"
-            else torch_runner(manifest, precision, device)
-        )
-        batch1 = time_calls(run, frames[:1], warmup, runs)
-        result = VariantResult(text, backend, precision, LatencyStats.of(batch1))
-        for batch in tqdm(batches, desc=f"{text} throughput", disable=not progress, leave=False):
-            seconds = time_calls(run, frames[:batch], max(2, warmup // 2), max(10, runs // 4))
-            result.throughput_fps[batch] = batch / statistics.median(seconds)
-        result.best_batch = max(result.throughput_fps, key=result.throughput_fps.get)
-        result.best_fps = result.throughput_fps[result.best_batch]
-        results.append(result)
+    for spec, paths in groups.items():
+        for text in variants:
+            backend, precision = parse_variant(text)
+            run = _group_runner(paths, manifests[spec], backend, precision, threads, device)
+            label = text if len(groups) == 1 else f"{spec} {text}"
+            batch1 = time_calls(run, frames[:1], warmup, runs)
+            result = VariantResult(label, backend, precision, LatencyStats.of(batch1))
+            for batch in tqdm(batches, desc=f"{label} throughput", disable=not progress, leave=False):
+                seconds = time_calls(run, frames[:batch], max(2, warmup // 2), max(10, runs // 4))
+                result.throughput_fps[batch] = batch / statistics.median(seconds)
+            result.best_batch = max(result.throughput_fps, key=result.throughput_fps.get)
+            result.best_fps = result.throughput_fps[result.best_batch]
+            results.append(result)
     first = results[0]
     return {
-        "bundle": str(bundle),
-        "model": {"family": manifest.family, "name": manifest.name, "input": asdict(manifest.input)},
+        "bundles": {
+            spec: [{"family": m.family, "name": m.name, "tasks": [t.name for t in m.tasks]} for m in group]
+            for spec, group in manifests.items()
+        },
+        "input": {"height": height, "width": width},
         "machine": _machine(threads, device),
         "settings": {"batches": list(batches), "warmup": warmup, "runs": runs},
         "variants": [asdict(r) for r in results],

@@ -11,6 +11,7 @@ The model code stays export-agnostic: this module only wraps a merged model and 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +33,32 @@ class GraphOutput:
     kind: str  # "probabilities" | "class_map" | "logits"
 
 
-def graph_outputs(model: EndoARSS, logits: bool = False) -> list[GraphOutput]:
+def graph_outputs(model: EndoARSS, tasks: Sequence[str] | None = None, logits: bool = False) -> list[GraphOutput]:
     """Output names in graph order: `<task>_probs` for classification, `<task>` (class map) for segmentation.
 
     With the EndoARSS task names this gives `activity_probs` and `segmentation` (plus `<task>_logits` with `logits`).
+    `tasks` (default: all, in model order) picks the tasks the graph computes.
     """
+    tasks = select_graph_tasks(model, tasks)
     outputs = []
-    for task in model.tasks:
+    for task in tasks:
         if model.task_kinds[task] == "classification":
             outputs.append(GraphOutput(f"{task}_probs", task, "probabilities"))
         else:
             outputs.append(GraphOutput(task, task, "class_map"))
     if logits:
-        outputs += [GraphOutput(f"{task}_logits", task, "logits") for task in model.tasks]
+        outputs += [GraphOutput(f"{task}_logits", task, "logits") for task in tasks]
     return outputs
+
+
+def select_graph_tasks(model: EndoARSS, tasks: Sequence[str] | None) -> tuple[str, ...]:
+    """`tasks` in model order (all when None); unknown or repeated names raise an error naming the known tasks."""
+    if tasks is None:
+        return model.tasks
+    unknown = [t for t in tasks if t not in model.tasks]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"--tasks {list(tasks)} must name distinct tasks of this model: {list(model.tasks)}")
+    return tuple(t for t in model.tasks if t in tasks)
 
 
 def pin_position_grid(model: EndoARSS, height: int, width: int) -> None:
@@ -89,26 +102,28 @@ def prepare_for_export(model: EndoARSS, height: int, width: int, *, merged: bool
 class BundleGraph(nn.Module):
     """uint8 frames (B H W 3, RGB) -> per-task results, in `graph_outputs` order."""
 
-    def __init__(self, model: EndoARSS, *, logits: bool = False) -> None:
+    def __init__(self, model: EndoARSS, *, tasks: Sequence[str] | None = None, logits: bool = False) -> None:
         """
         Args:
             model: a merged model in eval mode (see `prepare_for_export`).
+            tasks: the tasks to compute (default: all); their streams still run as one batched pass.
             logits: also return the raw logits of every task (after the results).
         """
         super().__init__()
         self.model = model
-        self.outputs = graph_outputs(model, logits)
+        self.tasks = select_graph_tasks(model, tasks)
+        self.outputs = graph_outputs(model, self.tasks, logits)
         self.logits = logits
 
     def forward(self, frames: Tensor) -> tuple[Tensor, ...]:
         images = frames.permute(0, 3, 1, 2)  # B 3 H W, still uint8: the model scales and normalises
-        raw = self.model(images)
+        raw = self.model(images, self.tasks)
         results: list[Tensor] = []
-        for task in self.model.tasks:
+        for task in self.tasks:
             if self.model.task_kinds[task] == "classification":
                 results.append(raw[task].softmax(dim=1))  # B K
             else:
                 results.append(raw[task].argmax(dim=1).to(torch.uint8))  # B H W; < 256 classes (checked on export)
         if self.logits:
-            results += [raw[task] for task in self.model.tasks]
+            results += [raw[task] for task in self.tasks]
         return tuple(results)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from export.checks import adapter_initializers, check_graph, check_parity, initializer_sizes
-from export.graph import INPUT_NAME, BundleGraph, GraphOutput, graph_outputs, prepare_for_export
+from export.graph import INPUT_NAME, BundleGraph, GraphOutput, prepare_for_export
 from export.manifest import MODEL_FILE, InputSpec, Manifest, TaskEntry, sha256_file, write_manifest
 from training.checkpoint import WEIGHTS_FILE, load_checkpoint
 from training.data.synth import render_image
@@ -82,6 +82,7 @@ def export_onnx(
     width: int | None = None,
     opset: int = DEFAULT_OPSET,
     logits: bool = False,
+    tasks: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
     """Export `checkpoint` into the bundle folder `out`.
@@ -93,6 +94,7 @@ def export_onnx(
         width: model input width (default: the training size).
         opset: ONNX opset (at least 17).
         logits: add `<task>_logits` outputs.
+        tasks: export only these tasks (default: all); a graph per task is what the fused graph is compared with.
         overwrite: replace an existing bundle in `out`.
 
     Raises:
@@ -117,8 +119,8 @@ def export_onnx(
         if task["kind"] == "segmentation" and len(task["classes"]) > 256:
             raise ValueError(f"task {task['name']!r} has {len(task['classes'])} classes; the uint8 map holds 256")
     model = prepare_for_export(ckpt.model, height, width, merged=ckpt.merged)
-    graph = BundleGraph(model, logits=logits).eval()
-    outputs = graph_outputs(model, logits)
+    graph = BundleGraph(model, tasks=tasks, logits=logits).eval()
+    outputs = graph.outputs
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
     sample = torch.from_numpy(generated_frames(2, height, width))
@@ -160,7 +162,7 @@ def export_onnx(
     manifest = Manifest(
         family=ckpt.config.model.family,
         name=ckpt.config.name,
-        tasks=_task_entries(ckpt.labels["tasks"], outputs),
+        tasks=_task_entries([t for t in ckpt.labels["tasks"] if t["name"] in graph.tasks], outputs),
         input=InputSpec(INPUT_NAME, "NHWC", "uint8", height, width, "RGB"),
         precision="fp32",
         opset=opset,

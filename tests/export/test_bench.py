@@ -10,13 +10,14 @@ import pytest
 
 from endostream.cli import main
 from export.bench import bench_engine, format_table, parse_variant
+from export.onnx_export import export_onnx
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def test_compare_reports_every_variant_with_consistent_statistics(endoarss_bundle: Path):
     report = bench_engine(
-        endoarss_bundle, ["torch", "onnxruntime"], batches=(1, 2), warmup=1, runs=8, threads=1, progress=False
+        [endoarss_bundle], ["torch", "onnxruntime"], batches=(1, 2), warmup=1, runs=8, threads=1, progress=False
     )
     names = [v["variant"] for v in report["variants"]]
     assert names == ["torch", "onnxruntime"]
@@ -31,7 +32,7 @@ def test_compare_reports_every_variant_with_consistent_statistics(endoarss_bundl
     ort_p50 = report["variants"][1]["batch1"]["p50"]
     assert report["ratios_vs_first"]["torch"]["batch1_p50_speedup"] == 1.0
     assert report["ratios_vs_first"]["onnxruntime"]["batch1_p50_speedup"] == pytest.approx(torch_p50 / ort_p50)
-    assert report["machine"]["threads"] == 1 and report["model"]["input"]["height"] == 64
+    assert report["machine"]["threads"] == 1 and report["input"]["height"] == 64
     table = format_table(report)
     assert table.count("\n") == 3 and "| onnxruntime |" in table
 
@@ -73,4 +74,18 @@ def test_bad_variants_and_missing_source_are_explained(endoarss_bundle: Path, tm
     manifest["checks"]["source_checkpoint"] = str(tmp_path / "gone")
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FileNotFoundError, match="source checkpoint"):
-        bench_engine(moved, ["torch"], batches=(1,), warmup=0, runs=1, progress=False)
+        bench_engine([moved], ["torch"], batches=(1,), warmup=0, runs=1, progress=False)
+
+
+def test_per_task_graphs_run_as_a_group_next_to_the_fused_graph(
+    endoarss_ckpt: Path, endoarss_bundle: Path, tmp_path: Path
+):
+    for task in ("activity", "segmentation"):
+        export_onnx(endoarss_ckpt, tmp_path / task, tasks=[task])
+    split = f"{tmp_path / 'activity'}+{tmp_path / 'segmentation'}"
+    report = bench_engine([endoarss_bundle, split], ["onnxruntime"], batches=(1,), warmup=1, runs=4, progress=False)
+    assert [v["variant"] for v in report["variants"]] == [f"{endoarss_bundle} onnxruntime", f"{split} onnxruntime"]
+    assert [m["tasks"] for m in report["bundles"][split]] == [["activity"], ["segmentation"]]
+    with pytest.raises(ValueError, match="one input size"):
+        export_onnx(endoarss_ckpt, tmp_path / "small", height=32, width=32)
+        bench_engine([endoarss_bundle, tmp_path / "small"], ["onnxruntime"], batches=(1,), runs=1, progress=False)

@@ -164,3 +164,15 @@ def test_cli_exports_at_another_size(tmp_path: Path, endoarss_ckpt: Path, capsys
     probs, mask = session.run(None, {"frames": np.zeros((2, 48, 80, 3), np.uint8)})
     assert probs.shape == (2, 5) and mask.shape == (2, 48, 80)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_single_task_graph_computes_only_that_task(tmp_path: Path, endoarss_ckpt: Path):
+    result = export_onnx(endoarss_ckpt, tmp_path / "seg", tasks=["segmentation"])
+    assert [t.name for t in result.manifest.tasks] == ["segmentation"]
+    session = onnxruntime_session(tmp_path / "seg" / MODEL_FILE)
+    assert [o.name for o in session.get_outputs()] == ["segmentation"]
+    frames = generated_frames(2, SIZE, SIZE, seed=5)
+    (mask,) = session.run(None, {"frames": frames})
+    assert (mask == _torch_reference(endoarss_ckpt, frames)["segmentation"]).mean() >= 0.999
+    with pytest.raises(ValueError, match="distinct tasks of this model"):
+        export_onnx(endoarss_ckpt, tmp_path / "bad", tasks=["phase"])
