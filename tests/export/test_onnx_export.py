@@ -176,3 +176,16 @@ def test_single_task_graph_computes_only_that_task(tmp_path: Path, endoarss_ckpt
     assert (mask == _torch_reference(endoarss_ckpt, frames)["segmentation"]).mean() >= 0.999
     with pytest.raises(ValueError, match="distinct tasks of this model"):
         export_onnx(endoarss_ckpt, tmp_path / "bad", tasks=["phase"])
+
+
+def test_merged_shared_lora_graph_is_the_plain_backbone_graph(tmp_path: Path):
+    """Without TESLA the folded LoRA leaves no trace: same ops and weight count as a model that never had adapters."""
+    shared_only = make_checkpoint(tmp_path / "lora", ["model.adapters.task_rank=0"])
+    plain = make_checkpoint(tmp_path / "plain", ["model.adapters.task_rank=0", "model.adapters.shared_rank=0"])
+    graphs = []
+    for ckpt in (shared_only, plain):
+        export_onnx(ckpt, ckpt.parent / f"{ckpt.name}-bundle")
+        graphs.append(onnx.load(str(ckpt.parent / f"{ckpt.name}-bundle" / MODEL_FILE)))
+    ops = [sorted(n.op_type for n in g.graph.node) for g in graphs]
+    assert ops[0] == ops[1]
+    assert sum(initializer_sizes(graphs[0]).values()) == sum(initializer_sizes(graphs[1]).values())
