@@ -163,6 +163,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     onnx.add_argument("--tasks", nargs="+", help="export only these tasks (default: all, in one fused graph)")
     onnx.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     onnx.set_defaults(func=_run_export_onnx)
+    quantize = export_sub.add_parser("quantize", help="an INT8 bundle (static QDQ quantisation, calibrated)")
+    quantize.add_argument("bundle", type=Path, help="fp32 bundle folder")
+    quantize.add_argument(
+        "--calib", type=Path, required=True, help="folder of frames to calibrate on (e.g. DATA/train)"
+    )
+    quantize.add_argument("--out", type=Path, help="INT8 bundle folder (default: BUNDLE-int8)")
+    quantize.add_argument("--frames", type=int, default=64, help="calibration frames (default 64)")
+    quantize.add_argument("--data", type=Path, help="labelled dataset: score fp32 vs INT8 on --split into the manifest")
+    quantize.add_argument("--split", default="test")
+    quantize.add_argument("--overwrite", action="store_true")
+    quantize.set_defaults(func=_run_export_quantize)
     triton = export_sub.add_parser("triton", help="a Triton Inference Server model repository from a bundle")
     triton.add_argument("bundle", type=Path, help="bundle folder (from `endostream export onnx`)")
     triton.add_argument("--out", type=Path, required=True, help="model repository folder")
@@ -208,7 +219,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="bundle folders (from `endostream export onnx`); A+B runs both on every call (one graph per task)",
     )
     engine.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch (default onnxruntime)")
-    engine.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (torch backend)")
+    engine.add_argument("--precision", help="fp32 | fp16 | bf16 for torch (default fp32); onnxruntime: the bundle's")
     engine.add_argument(
         "--compare",
         nargs="+",
@@ -229,7 +240,7 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
 
     from export.bench import bench_engine, format_table
 
-    variants = args.compare or [f"{args.backend}:{args.precision}"]
+    variants = args.compare or [f"{args.backend}:{args.precision}" if args.precision else args.backend]
     report = bench_engine(
         args.bundles,
         variants,
@@ -243,6 +254,26 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"results: {args.json}")
+    return 0
+
+
+def _run_export_quantize(args: argparse.Namespace) -> int:
+    from export.quantize import quantize_bundle
+
+    manifest = quantize_bundle(
+        args.bundle,
+        args.calib,
+        out=args.out,
+        count=args.frames,
+        data=args.data,
+        split=args.split,
+        overwrite=args.overwrite,
+    )
+    accuracy = manifest.checks.get("accuracy")
+    if accuracy:
+        delta = ", ".join(f"{k} {v:+.4f}" for k, v in accuracy["delta"].items())
+        print(f"INT8 vs fp32 on {accuracy['split']} ({accuracy['images']} images): {delta}")
+    print(f"INT8 bundle: {args.out or args.bundle.with_name(args.bundle.name + '-int8')}")
     return 0
 
 

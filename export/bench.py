@@ -102,15 +102,14 @@ def time_calls(run: Runner, frames: np.ndarray, warmup: int, runs: int) -> list[
     return seconds
 
 
-def parse_variant(text: str) -> tuple[str, str]:
-    """ "onnxruntime" or "torch:fp16" -> (backend, precision); precision defaults to fp32."""
+def parse_variant(text: str) -> tuple[str, str | None]:
+    """`onnxruntime` or `torch:fp16` -> (backend, precision); None = the bundle's own (torch: fp32)."""
     backend, _, precision = text.partition(":")
-    precision = precision or "fp32"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} in {text!r}; this release has {BACKENDS} (e.g. torch:fp32)")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"unknown precision {precision!r} in {text!r}; use fp32, fp16 or bf16")
-    return backend, precision
+    if precision and precision not in ("fp32", "fp16", "bf16", "int8"):
+        raise ValueError(f"unknown precision {precision!r} in {text!r}; use fp32, fp16, bf16 or int8")
+    return backend, precision or None
 
 
 def parse_bundle_group(spec: str | Path) -> list[Path]:
@@ -125,9 +124,11 @@ def _group_runner(
     for bundle, manifest in zip(bundles, manifests, strict=True):
         if backend == "onnxruntime":
             if precision != manifest.precision:
-                raise ValueError(f"{bundle} holds a {manifest.precision} graph; onnxruntime runs it as it is")
+                raise ValueError(f"{bundle} holds an {manifest.precision} graph; onnxruntime runs it as it is")
             runners.append(onnxruntime_runner(bundle, manifest, threads))
         else:
+            if precision == "int8":
+                raise ValueError("the torch backend runs fp32, fp16 or bf16; INT8 is an onnxruntime bundle")
             runners.append(torch_runner(manifest, precision, device))
     if len(runners) == 1:
         return runners[0]
@@ -165,7 +166,8 @@ def bench_engine(
     results: list[VariantResult] = []
     for spec, paths in groups.items():
         for text in variants:
-            backend, precision = parse_variant(text)
+            backend, asked = parse_variant(text)
+            precision = asked or (manifests[spec][0].precision if backend == "onnxruntime" else "fp32")
             run = _group_runner(paths, manifests[spec], backend, precision, threads, device)
             label = text if len(groups) == 1 else f"{spec} {text}"
             batch1 = time_calls(run, frames[:1], warmup, runs)

@@ -51,3 +51,13 @@ def endoarss_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("bundle")
     export_onnx(endoarss_ckpt, out, overwrite=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def labelled_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated dataset (EndoARSS layout) for calibration and scoring."""
+    from training.data.writer import synthesize_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    synthesize_dataset(root, images=40, seed=4, height=96, width=96, progress=False)
+    return root

@@ -58,8 +58,9 @@ def test_cli_writes_json(endoarss_bundle: Path, tmp_path: Path, capsys: pytest.C
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert [v["variant"] for v in report["variants"]] == ["onnxruntime:fp32"]
-    assert "| onnxruntime:fp32 |" in capsys.readouterr().out
+    assert [v["variant"] for v in report["variants"]] == ["onnxruntime"]
+    assert report["variants"][0]["precision"] == "fp32"
+    assert "| onnxruntime |" in capsys.readouterr().out
 
 
 def test_bad_variants_and_missing_source_are_explained(endoarss_bundle: Path, tmp_path: Path):
