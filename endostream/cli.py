@@ -174,6 +174,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     quantize.add_argument("--split", default="test")
     quantize.add_argument("--overwrite", action="store_true")
     quantize.set_defaults(func=_run_export_quantize)
+    trt = export_sub.add_parser("trt", help="a TensorRT engine for this GPU (needs TensorRT 10+ and a CUDA GPU)")
+    trt.add_argument("bundle", type=Path, help="bundle folder (fp32, or the INT8 bundle for --int8)")
+    precision = trt.add_mutually_exclusive_group()
+    for name in ("fp32", "fp16", "bf16", "int8"):
+        precision.add_argument(f"--{name}", dest="precision", action="store_const", const=name)
+    trt.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimisation profile")
+    trt.add_argument("--opt-batch", type=int, help="batch the kernels are tuned for (default max/2)")
+    trt.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB (default 4)")
+    trt.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
+    trt.set_defaults(func=_run_export_trt, precision="fp16")
     triton = export_sub.add_parser("triton", help="a Triton Inference Server model repository from a bundle")
     triton.add_argument("bundle", type=Path, help="bundle folder (from `endostream export onnx`)")
     triton.add_argument("--out", type=Path, required=True, help="model repository folder")
@@ -274,6 +284,19 @@ def _run_export_quantize(args: argparse.Namespace) -> int:
         delta = ", ".join(f"{k} {v:+.4f}" for k, v in accuracy["delta"].items())
         print(f"INT8 vs fp32 on {accuracy['split']} ({accuracy['images']} images): {delta}")
     print(f"INT8 bundle: {args.out or args.bundle.with_name(args.bundle.name + '-int8')}")
+    return 0
+
+
+def _run_export_trt(args: argparse.Namespace) -> int:
+    from export.tensorrt import EngineSettings, TensorRTUnavailable, build_engine
+
+    settings = EngineSettings(args.precision, args.max_batch, args.opt_batch, args.workspace)
+    try:
+        path = build_engine(args.bundle, settings, force=args.force)
+    except TensorRTUnavailable as err:
+        print(f"endostream export trt: {err}", file=sys.stderr)
+        return 2
+    print(f"engine: {path}")
     return 0
 
 

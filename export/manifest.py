@@ -54,6 +54,7 @@ class Manifest:
     exporter_version: str
     format_version: int = FORMAT_VERSION
     checks: dict[str, Any] = field(default_factory=dict)
+    engines: list[dict[str, Any]] = field(default_factory=list)  # TensorRT engines built next to the graph
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
