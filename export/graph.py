@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from training.checkpoint import merged_copy
-from training.layers.pos_embed import resample_pos_embed
 from training.models.endoarss import EndoARSS
 
 INPUT_NAME = "frames"
@@ -70,14 +69,7 @@ def pin_position_grid(model: EndoARSS, height: int, width: int) -> None:
     backbone = model.backbone
     grid = backbone.grid_size(height, width)
     with torch.no_grad():
-        table = resample_pos_embed(
-            backbone.pos_embed,
-            grid,
-            backbone.pos_grid,
-            num_prefix_tokens=1,
-            interpolate_offset=backbone.interpolate_offset,
-            antialias=backbone.interpolate_antialias,
-        )
+        table = backbone.interpolate_pos_encoding(grid)
     backbone.pos_embed = nn.Parameter(table.detach().clone(), requires_grad=False)
     backbone.pos_grid = grid
     backbone.img_size = (height, width)
