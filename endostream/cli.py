@@ -166,8 +166,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     quantize = export_sub.add_parser("quantize", help="an INT8 bundle (static QDQ quantisation, calibrated)")
     quantize.add_argument("bundle", type=Path, help="fp32 bundle folder")
     quantize.add_argument(
-        "--calib", type=Path, required=True, help="folder of frames to calibrate on (e.g. DATA/train)"
+        "--mode", choices=["static", "dynamic"], default="static", help="static QDQ (TensorRT) or dynamic (CPU serving)"
     )
+    quantize.add_argument("--calib", type=Path, help="frames to calibrate on, e.g. DATA/train (static mode)")
     quantize.add_argument("--out", type=Path, help="INT8 bundle folder (default: BUNDLE-int8)")
     quantize.add_argument("--frames", type=int, default=64, help="calibration frames (default 64)")
     quantize.add_argument("--data", type=Path, help="labelled dataset: score fp32 vs INT8 on --split into the manifest")
@@ -273,6 +274,7 @@ def _run_export_quantize(args: argparse.Namespace) -> int:
     manifest = quantize_bundle(
         args.bundle,
         args.calib,
+        mode=args.mode,
         out=args.out,
         count=args.frames,
         data=args.data,

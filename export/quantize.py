@@ -1,9 +1,14 @@
-"""`endostream export quantize`: an INT8 bundle by static quantisation, with its accuracy cost measured.
+"""`endostream export quantize`: an INT8 bundle, with its accuracy cost measured.
 
-ONNX Runtime's static quantiser in QDQ format (QuantizeLinear/DequantizeLinear pairs around MatMul, Conv and Gemm:
-the form TensorRT also reads), weights int8 per output channel, activations uint8 with ranges calibrated on real
-frames from a dataset folder. The uint8 input, the normalisation, softmax and argmax stay as they are. When a
-labelled split is given, the fp32 and INT8 graphs are scored on it and the differences go into the manifest.
+Two modes, both ONNX Runtime's quantisers:
+- `static` (default): QDQ format (QuantizeLinear/DequantizeLinear pairs around MatMul, Conv and Gemm: the form
+  TensorRT reads), weights int8 per output channel, activations uint8 with ranges calibrated on real frames from a
+  dataset folder. For TensorRT INT8 engines.
+- `dynamic`: MatMul weights int8, activations quantised per call from their own range (no calibration). The faster
+  graph on x86 CPUs: ONNX Runtime runs it as fused integer MatMuls (VNNI/AMX), while the static QDQ graph around the
+  per-task batched MatMuls stays mostly dequantise-then-float on CPU.
+The uint8 input, the normalisation, softmax and argmax stay as they are. When a labelled split is given, the fp32
+and INT8 graphs are scored on it and the differences go into the manifest.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
+MODES = ("static", "dynamic")
 
 
 def calibration_frames(folder: Path, height: int, width: int, count: int = 64, seed: int = 0) -> np.ndarray:
@@ -68,8 +74,9 @@ class _FrameReader:
 
 def quantize_bundle(
     bundle: Path,
-    calib: Path,
+    calib: Path | None,
     *,
+    mode: str = "static",
     out: Path | None = None,
     count: int = 64,
     data: Path | None = None,
@@ -80,13 +87,18 @@ def quantize_bundle(
     """Write an INT8 copy of the fp32 `bundle` to `out` (default `<bundle>-int8`); returns its manifest.
 
     Args:
-        calib: folder of frames (any image files below it; masks are skipped) to calibrate activation ranges.
+        calib: folder of frames (any image files below it; masks are skipped) to calibrate activation ranges;
+            required for `static`, unused by `dynamic`.
+        mode: "static" (QDQ, calibrated; for TensorRT) or "dynamic" (MatMul weights int8; for CPU serving).
         count: calibration frames drawn from `calib`.
         data: labelled dataset (EndoARSS layout) to score fp32 vs INT8 on `split`; None skips the scoring.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if mode not in MODES:
+        raise ValueError(f"quantisation mode {mode!r} is not one of {MODES}")
+    if mode == "static" and calib is None:
+        raise ValueError("static quantisation calibrates on frames: pass --calib DIR (e.g. DATA/train)")
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     if manifest.precision != "fp32":
@@ -94,38 +106,21 @@ def quantize_bundle(
     out = Path(out) if out is not None else bundle.with_name(bundle.name + "-int8")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} is not empty; pass --overwrite or choose another --out")
-    frames = calibration_frames(calib, manifest.input.height, manifest.input.width, count)
     out.mkdir(parents=True, exist_ok=True)
     target = out / manifest.model_file
-    logger.info("calibrating on %d frames from %s", len(frames), calib)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # ORT's symbolic shape inference does not read the exporter's attribute-valued Constant nodes; ONNX shape
         # inference (kept) covers the static shapes the quantiser needs.
         quant_pre_process(str(bundle / manifest.model_file), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(target),
-            _FrameReader(manifest.input.name, frames),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=QUANTIZED_OPS,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        if mode == "static":
+            details = _quantize_static(prepared, target, manifest.input.name, calib, manifest, count)
+        else:
+            details = _quantize_dynamic(prepared, target)
     check_graph(target)
     checks: dict[str, Any] = {
         **manifest.checks,
-        "quantization": {
-            "format": "QDQ",
-            "ops": QUANTIZED_OPS,
-            "weights": "int8 per channel",
-            "activations": "uint8 per tensor, MinMax",
-            "calibration_frames": len(frames),
-            "calibration_source": str(calib),
-            "fp32_model_sha256": manifest.model_sha256,
-        },
+        "quantization": {"mode": mode, **details, "fp32_model_sha256": manifest.model_sha256},
     }
     if data is not None:
         fp32 = evaluate_graph(bundle / manifest.model_file, manifest, data, split=split, progress=progress)
@@ -141,3 +136,38 @@ def quantize_bundle(
     quantized = replace(manifest, precision="int8", model_sha256=sha256_file(target), checks=checks)
     write_manifest(out, quantized)
     return quantized
+
+
+def _quantize_static(
+    prepared: Path, target: Path, input_name: str, calib: Path, manifest: Manifest, count: int
+) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    frames = calibration_frames(calib, manifest.input.height, manifest.input.width, count)
+    logger.info("calibrating on %d frames from %s", len(frames), calib)
+    quantize_static(
+        str(prepared),
+        str(target),
+        _FrameReader(input_name, frames),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=QUANTIZED_OPS,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return {
+        "format": "QDQ",
+        "ops": QUANTIZED_OPS,
+        "weights": "int8 per channel",
+        "activations": "uint8 per tensor, MinMax",
+        "calibration_frames": len(frames),
+        "calibration_source": str(calib),
+    }
+
+
+def _quantize_dynamic(prepared: Path, target: Path) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(prepared), str(target), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    return {"format": "integer MatMul", "ops": ["MatMul"], "weights": "int8 per tensor", "activations": "dynamic"}

@@ -77,3 +77,19 @@ def test_cli(endoarss_bundle: Path, labelled_data: Path, tmp_path: Path, capsys:
     )
     assert code == 0 and "INT8 bundle" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["precision"] == "int8"
+
+
+def test_dynamic_mode_needs_no_calibration_and_quantises_matmuls(endoarss_bundle: Path, tmp_path: Path):
+    manifest = quantize_bundle(endoarss_bundle, None, mode="dynamic", out=tmp_path / "dyn")
+    assert manifest.precision == "int8" and manifest.checks["quantization"]["mode"] == "dynamic"
+    model = onnx.load(str(tmp_path / "dyn" / MODEL_FILE))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops
+    frames = generated_frames(2, SIZE, SIZE, seed=3)
+    fp32 = onnxruntime_session(endoarss_bundle / MODEL_FILE).run(None, {"frames": frames})
+    int8 = onnxruntime_session(tmp_path / "dyn" / MODEL_FILE).run(None, {"frames": frames})
+    assert np.abs(int8[0] - fp32[0]).max() < 0.1 and (int8[1] == fp32[1]).mean() > 0.8
+    with pytest.raises(ValueError, match="--calib"):
+        quantize_bundle(endoarss_bundle, None, out=tmp_path / "static")
+    with pytest.raises(ValueError, match="mode"):
+        quantize_bundle(endoarss_bundle, None, mode="fp8", out=tmp_path / "other")
