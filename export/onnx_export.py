@@ -22,7 +22,14 @@ import cv2
 import numpy as np
 import torch
 
-from export.checks import adapter_initializers, check_graph, check_parity, initializer_sizes
+from export.checks import (
+    MASK_AGREEMENT,
+    PROB_TOLERANCE,
+    adapter_initializers,
+    check_graph,
+    check_parity,
+    initializer_sizes,
+)
 from export.graph import INPUT_NAME, BundleGraph, GraphOutput, prepare_for_export
 from export.manifest import MODEL_FILE, InputSpec, Manifest, TaskEntry, sha256_file, write_manifest
 from training.checkpoint import WEIGHTS_FILE, load_checkpoint
@@ -148,7 +155,7 @@ def export_onnx(
         if not parity.passed:
             raise ValueError(
                 f"ONNX Runtime disagrees with PyTorch: max probability difference {parity.max_prob_diff:.2e} "
-                f"(limit 1e-4), mask agreement {parity.mask_agreement:.5f} (limit 0.999)"
+                f"(limit {PROB_TOLERANCE:g}), mask agreement {parity.mask_agreement:.5f} (limit {MASK_AGREEMENT:g})"
             )
     except Exception:
         path.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 MODES = ("static", "dynamic")
+MASK_FOLDERS = {"mask", "labels"}  # EndoARSS and EndoVis-18 label folders: not frames
 
 
 def calibration_frames(folder: Path, height: int, width: int, count: int = 64, seed: int = 0) -> np.ndarray:
@@ -39,9 +40,7 @@ def calibration_frames(folder: Path, height: int, width: int, count: int = 64, s
     Masks are skipped: files under a `mask` or `labels` folder are not frames.
     """
     files = sorted(
-        p
-        for p in Path(folder).rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and not {"mask", "labels"} & set(p.parent.parts[-1:])
+        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.parent.name not in MASK_FOLDERS
     )
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder} for calibration")
@@ -67,9 +66,6 @@ class _FrameReader:
             return None
         self.index += 1
         return {self.name: self.frames[self.index - 1 : self.index]}
-
-    def rewind(self) -> None:
-        self.index = 0
 
 
 def quantize_bundle(
