@@ -19,7 +19,7 @@ from endostream.cli import main
 from export.checks import adapter_initializers, initializer_sizes, onnxruntime_session
 from export.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest, sha256_file
 from export.onnx_export import export_onnx, generated_frames
-from tests.export.conftest import SIZE, make_checkpoint
+from tests.checkpoints import SIZE, make_checkpoint
 from training.adapters import AdapterLinear
 from training.checkpoint import load_checkpoint
 

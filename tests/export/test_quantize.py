@@ -14,7 +14,7 @@ from export.checks import onnxruntime_session
 from export.manifest import MODEL_FILE, read_manifest
 from export.onnx_export import generated_frames
 from export.quantize import calibration_frames, quantize_bundle
-from tests.export.conftest import SIZE
+from tests.checkpoints import SIZE
 
 pytestmark = pytest.mark.timeout(300)
 

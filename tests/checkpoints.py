@@ -1,13 +1,11 @@
-"""Shared fixtures: tiny random-init EndoARSS checkpoints and their bundles (nothing downloaded, nothing trained)."""
+"""Tiny random-init EndoARSS checkpoints for tests (nothing downloaded, nothing trained)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
-from export.onnx_export import export_onnx
 from training.checkpoint import save_checkpoint
 from training.config import load_config
 from training.data.writer import synth_labels
@@ -38,26 +36,3 @@ def make_checkpoint(root: Path, overrides: list[str], *, merged: bool = False) -
                 buffer.uniform_(0.5, 1.5)
     model.eval()
     return save_checkpoint(model, cfg, labels, root, merged=merged)
-
-
-@pytest.fixture(scope="session")
-def endoarss_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SMA + shared LoRA + TESLA on 2 tasks, unmerged (the exporter folds the factors)."""
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", [])
-
-
-@pytest.fixture(scope="session")
-def endoarss_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundle")
-    export_onnx(endoarss_ckpt, out, overwrite=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def labelled_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small generated dataset (EndoARSS layout) for calibration and scoring."""
-    from training.data.writer import synthesize_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    synthesize_dataset(root, images=40, seed=4, height=96, width=96, progress=False)
-    return root
