@@ -8,7 +8,7 @@ STAMP := .install.stamp
 $(STAMP): pyproject.toml
 	# torch first: the pinned CPU wheel satisfies the `train` extra, so nothing pulls CUDA builds.
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[train,export,dev]"
+	$(PIP) install -q -e ".[train,export,serve,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""`endostream` command line: data, train, eval, ablate, demo, export, bench (serve arrives with its issue).
+"""`endostream` command line: data, train, eval, ablate, demo, export, bench, serve.
 
 Each subcommand imports its package lazily, so `endostream serve` will never import torch and `--help` is instant.
 """
@@ -319,22 +319,20 @@ def _run_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------ later issues
-_LATER = {
-    "serve": "the FastAPI inference service",
-}
+# --------------------------------------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from service.cli import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="the inference service: HTTP, WebSocket and RTSP frames in, results out")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_run_serve)
 
 
-def _add_later(sub: argparse._SubParsersAction) -> None:
-    for name, what in _LATER.items():
-        p = sub.add_parser(name, help=f"{what} (not in this release)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args, name=name, what=what: _not_in_release(name, what))
+def _run_serve(args: argparse.Namespace) -> int:
+    from service.cli import run_serve, settings_from_args
 
-
-def _not_in_release(name: str, what: str) -> int:
-    print(f"endostream {name}: {what} is not part of endostream {_version()} yet.", file=sys.stderr)
-    return 2
+    run_serve(settings_from_args(args))
+    return 0
 
 
 def _version() -> str:
@@ -355,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_export(sub)
     _add_bench(sub)
-    _add_later(sub)
+    _add_serve(sub)
     return parser
 
 

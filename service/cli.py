@@ -1,0 +1,73 @@
+"""`endostream serve`: flags on top of `ENDOSTREAM_*` environment settings, then uvicorn on one worker process.
+
+One process on purpose: the engine (and its GPU memory) is owned by one worker thread; scale out with more
+containers, not more uvicorn workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from service.settings import DEFAULT_BUNDLE, Settings
+
+logger = logging.getLogger("endostream.service")
+
+# flag -> settings field; every flag defaults to None so only what the user typed overrides the environment
+FLAGS: dict[str, str] = {
+    "bundle": "bundle",
+    "host": "host",
+    "port": "port",
+    "backend": "backend",
+    "device": "device",
+    "precision": "precision",
+    "threads": "threads",
+    "max_batch": "max_batch",
+    "max_queue_delay_ms": "max_queue_delay_ms",
+    "queue_limit": "queue_limit",
+    "stream_allowlist": "stream_allowlist",
+}
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, help=f"bundle folder (env ENDOSTREAM_BUNDLE; default {DEFAULT_BUNDLE})")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], help="default auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    parser.add_argument("--precision", help="fp32|fp16|bf16|int8 where the backend supports it (default: bundle's)")
+    parser.add_argument("--threads", type=int, help="engine CPU threads (0: backend default)")
+    parser.add_argument("--max-batch", type=int, help="largest dynamic batch; 1 disables batching (default 8)")
+    parser.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a batch to fill (default 2)")
+    parser.add_argument("--queue-limit", type=int, help="frames waiting before 503 (default 64)")
+    parser.add_argument("--stream-allowlist", help="comma-separated URL prefixes allowed as stream sources")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment first, then the flags the user gave."""
+    overrides: dict[str, Any] = {
+        field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag, None) is not None
+    }
+    base = Settings()
+    return Settings.model_validate({**base.model_dump(), **overrides})
+
+
+def run_serve(settings: Settings) -> None:
+    """Serve until interrupted. Raises FileNotFoundError/ValueError for a missing or broken bundle."""
+    import uvicorn
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    logger.info("serving %s on http://%s:%d (docs /docs, viewer /)", settings.bundle, settings.host, settings.port)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # per-request lines at 30 fps drown the log; /metrics has the numbers
+        ws_max_size=settings.max_upload_bytes,
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,149 @@
+"""`POST /infer`: one frame (raw body), a batch (multipart), or a live source (JSON -> NDJSON stream).
+
+Thin: parse, call the service, choose the response type. The logic lives in service/serving.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from service.deps import Authorized, Service, State
+from service.errors import BadInput, UnsupportedMediaType
+from service.schemas import ErrorBody, InferResult, MaskFormat, StreamRequest
+from service.serving import InferOptions, Outcome
+
+router = APIRouter(tags=["inference"], dependencies=[Authorized])
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/bmp")
+ERRORS = {
+    400: {"model": ErrorBody, "description": "empty, corrupt or oversized frame; bad query"},
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    403: {"model": ErrorBody, "description": "stream source not in ENDOSTREAM_STREAM_ALLOWLIST"},
+    413: {"model": ErrorBody, "description": "body over ENDOSTREAM_MAX_UPLOAD_BYTES"},
+    415: {"model": ErrorBody, "description": "unsupported Content-Type"},
+    503: {"model": ErrorBody, "description": "engine not ready, or queue full (see Retry-After)"},
+}
+OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/bmp": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"frame": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/StreamRequest"},
+                "examples": {
+                    "rtsp": {"value": {"source": "rtsp://127.0.0.1:8554/endoscope", "max_seconds": 30}},
+                    "file": {"value": {"source": "file:/data/clips/case01.mp4", "max_frames": 100, "fps": 10}},
+                },
+            },
+        },
+    },
+    "responses": {
+        "200": {
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferResult"}},
+                "application/x-ndjson": {"schema": {"type": "string"}, "example": '{"frame": {"id": 0, ...}}\n'},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            }
+        }
+    },
+}
+
+
+def _options(service: Service, request: Request, mask: MaskFormat, tasks: str | None, overlay: bool) -> InferOptions:
+    accept = request.headers.get("accept", "")
+    image = "png" if overlay or "image/png" in accept else "jpeg" if "image/jpeg" in accept else None
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    return InferOptions(mask=mask, tasks=service.validate_tasks(names), overlay=image)
+
+
+@router.post(
+    "/infer",
+    response_model=InferResult,
+    responses=ERRORS,
+    openapi_extra=OPENAPI_BODY,
+    summary="Infer activity and segmentation for frames or a live source",
+)
+async def infer(
+    request: Request,
+    service: Service,
+    state: State,
+    mask: Annotated[MaskFormat, Query(description="mask encoding in the JSON result")] = "png",
+    tasks: Annotated[str | None, Query(description="comma-separated tasks to return (default: all)")] = None,
+    overlay: Annotated[bool, Query(description="return the frame with the mask and label drawn (PNG)")] = False,
+) -> Response:
+    options = _options(service, request, mask, tasks, overlay)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in IMAGE_TYPES:
+        outcome = await service.infer_bytes(await request.body(), options)
+        if outcome.image is not None:
+            return Response(outcome.image, media_type=f"image/{options.overlay}", headers=_summary(outcome.result))
+        return JSONResponse(outcome.result.model_dump(mode="json"))
+    if content_type == "multipart/form-data":
+        return await _infer_multipart(request, service, state, options)
+    if content_type == "application/json":
+        try:
+            spec = StreamRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or "body"
+            raise BadInput("invalid_json", f"invalid stream request: {first['msg']}", param=param) from None
+        lines = await state.streams_api.open(spec, options)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    raise UnsupportedMediaType(
+        "unsupported_media_type",
+        f"Content-Type {content_type or '(none)'} is not accepted: send image/jpeg, image/png, image/bmp, "
+        "multipart/form-data with `frame` parts, or application/json with a `source`",
+        param="content-type",
+        value=content_type,
+    )
+
+
+async def _infer_multipart(request: Request, service: Service, state: State, options: InferOptions) -> Response:
+    limit = state.settings.max_frames_per_request
+    try:
+        form = await request.form(max_files=limit, max_part_size=state.settings.max_upload_bytes)
+    except MultiPartException as err:
+        raise BadInput("bad_multipart", f"malformed multipart body: {err.message}") from None
+    parts = [p for p in form.getlist("frame") if isinstance(p, UploadFile)]
+    if not parts:
+        raise BadInput("no_frames", "the multipart body has no `frame` file parts", param="frame")
+    datas = [await p.read() for p in parts]
+    per_frame = InferOptions(options.mask, options.tasks)  # overlays are single-frame only
+    # submitted together so they share engine batches; answered in order
+    outcomes = await asyncio.gather(
+        *(_named_part(service.infer_bytes(data, per_frame, frame_id=i), i) for i, data in enumerate(datas))
+    )
+    return JSONResponse([o.result.model_dump(mode="json") for o in outcomes])
+
+
+async def _named_part(call: Awaitable[Outcome], index: int) -> Outcome:
+    try:
+        return await call
+    except BadInput as err:
+        err.param, err.message = f"frame[{index}]", f"frame part {index}: {err.message}"
+        raise
+
+
+def _summary(result: InferResult) -> dict[str, str]:
+    """Headers that let an overlay client read the label and latency without a second request."""
+    headers = {"X-Latency-Ms": f"{result.latency_ms.total:.3f}"}
+    if result.activity is not None:
+        headers["X-Activity"] = result.activity.label
+        headers["X-Activity-Confidence"] = f"{result.activity.confidence:.4f}"
+    return headers

@@ -1,0 +1,177 @@
+"""Request and response models (pydantic); the OpenAPI docs take their examples from here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MaskFormat = Literal["png", "rle", "none"]
+
+
+class FrameInfo(BaseModel):
+    id: int = Field(description="frame number within the request, WebSocket session or stream (0-based)")
+    timestamp: float | None = Field(None, description="source timestamp in seconds (stream PTS), when known")
+    captured_at: float | None = Field(None, description="Unix time the stream reader decoded the frame")
+    width: int
+    height: int
+    dropped_before: int = Field(0, description="frames skipped since the previous result to stay live")
+    frame_jpeg: str | None = Field(None, description="the source frame, base64 JPEG (streams with include_frame)")
+
+
+class ActivityResult(BaseModel):
+    task: str
+    label: str
+    index: int
+    confidence: float
+    probabilities: dict[str, float]
+
+
+class ClassPresence(BaseModel):
+    index: int
+    name: str
+    fraction: float = Field(description="share of the frame's pixels")
+
+
+class RunLengths(BaseModel):
+    values: list[int] = Field(description="class index of each run, row-major")
+    lengths: list[int] = Field(description="pixels in each run")
+
+
+class SegmentationResult(BaseModel):
+    task: str
+    height: int
+    width: int
+    classes: list[ClassPresence] = Field(description="classes present, largest first")
+    mask_format: MaskFormat
+    mask: str | RunLengths | None = Field(
+        None, description="png: base64 single-channel PNG of class indices at the frame's size; rle: runs; none"
+    )
+
+
+class Latency(BaseModel):
+    decode: float
+    preprocess: float
+    queue: float
+    infer: float
+    postprocess: float
+    encode: float
+    total: float
+    batch_size: int = Field(description="frames in the engine call that included this one")
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    family: str
+    version: str
+    backend: str
+    device: str
+    precision: str
+
+
+class InferResult(BaseModel):
+    """One processed frame."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "frame": {"id": 0, "timestamp": None, "captured_at": None, "width": 1920, "height": 1080},
+                    "activity": {
+                        "task": "activity",
+                        "label": "cutting",
+                        "index": 2,
+                        "confidence": 0.91,
+                        "probabilities": {"idle": 0.02, "grasping": 0.04, "cutting": 0.91, "suction": 0.03},
+                    },
+                    "segmentation": {
+                        "task": "segmentation",
+                        "height": 1080,
+                        "width": 1920,
+                        "classes": [{"index": 0, "name": "background", "fraction": 0.81}],
+                        "mask_format": "png",
+                        "mask": "iVBORw0KGgo...",
+                    },
+                    "latency_ms": {
+                        "decode": 4.1,
+                        "preprocess": 1.2,
+                        "queue": 0.1,
+                        "infer": 6.3,
+                        "postprocess": 1.9,
+                        "encode": 2.2,
+                        "total": 15.9,
+                        "batch_size": 1,
+                    },
+                    "model": {
+                        "name": "tiny",
+                        "family": "endoarss",
+                        "version": "3f2a9c1d0b7e",
+                        "backend": "onnxruntime",
+                        "device": "cpu",
+                        "precision": "fp32",
+                    },
+                }
+            ]
+        }
+    )
+
+    frame: FrameInfo
+    activity: ActivityResult | None = None
+    segmentation: SegmentationResult | None = None
+    latency_ms: Latency
+    model: ModelRef
+
+
+class StreamRequest(BaseModel):
+    """Read a live source and stream back one NDJSON result per processed frame."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"source": "rtsp://127.0.0.1:8554/endoscope", "max_seconds": 30}]},
+    )
+
+    source: str = Field(description="rtsp://, rtsps://, http(s):// (MJPEG) or file: URL matching the allowlist")
+    max_frames: int | None = Field(None, ge=1, description="stop after this many results")
+    max_seconds: float | None = Field(None, gt=0, description="stop after this long")
+    fps: float | None = Field(None, gt=0, description="process at most this many frames per second")
+    include_frame: bool = Field(False, description="add the source frame (JPEG, base64) to each result, for viewers")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    value: str | int | float | bool | None = None
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"error": {"code": "not_an_image", "message": "the body (12 bytes) is not a JPEG, PNG or BMP"}}
+            ]
+        }
+    )
+
+    error: ErrorDetail
+
+
+class StreamInfo(BaseModel):
+    id: str
+    url: str
+    state: str
+    fps: float
+    frames_read: int
+    frames_processed: int
+    frames_dropped: int
+    reconnects: int
+    last_error: str | None = None
+    age_s: float = Field(description="seconds since the stream was opened")
+    last_frame_age_s: float | None = Field(None, description="seconds since the reader decoded its newest frame")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "starting", "failed"]
+    detail: str | None = None

@@ -1,0 +1,75 @@
+"""Service settings: environment variables `ENDOSTREAM_*` (pydantic-settings), overridden by `endostream serve` flags.
+
+Built inside `create_app()`, never at import, so tests and the CLI can pass their own values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_BUNDLE = Path("endostream-work/bundle")  # what the README's main-job command builds when missing
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Units are in the names; limits protect the box from a bad client."""
+
+    model_config = SettingsConfigDict(env_prefix="ENDOSTREAM_", extra="ignore", protected_namespaces=())
+
+    bundle: Path = Field(DEFAULT_BUNDLE, description="bundle folder (manifest.json + model.onnx)")
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: str = Field("auto", description="fp32|fp16|bf16|int8 where the backend supports it")
+    threads: int = Field(0, ge=0, description="engine CPU threads (0: backend default)")
+    cuda_graphs: bool = True
+    engine_cache: Path | None = Field(None, description="folder for TensorRT engines (default: the bundle)")
+    max_batch: int = Field(8, ge=1, le=256, description="largest dynamic batch; 1 disables batching")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")
+    queue_limit: int = Field(64, ge=1, description="frames waiting for the engine before 503")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="width x height limit of a decoded frame")
+    max_frames_per_request: int = Field(64, ge=1, description="multipart parts per /infer request")
+    stream_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="URL prefixes stream sources must start with; empty: no streams allowed"
+    )
+    stream_open_timeout_s: float = Field(5.0, gt=0)
+    stream_read_timeout_s: float = Field(5.0, gt=0)
+    api_token: str | None = Field(None, description="when set, routes need `Authorization: Bearer <token>`")
+    metrics_public: bool = Field(True, description="serve /metrics without the token (scrapers on the box)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    warmup_runs: int = Field(3, ge=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("stream_allowlist", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_strength(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() == "":
+            return None
+        if value is not None and len(value) < 16:
+            raise ValueError("ENDOSTREAM_API_TOKEN must be at least 16 characters (try `openssl rand -hex 24`)")
+        return value
+
+    @model_validator(mode="after")
+    def _cors_with_token(self) -> Settings:
+        if "*" in self.cors_origins and self.api_token is None and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                "ENDOSTREAM_CORS_ORIGINS='*' on a non-loopback host needs ENDOSTREAM_API_TOKEN: any web page could "
+                "drive the service; list the viewer's origin instead"
+            )
+        return self

@@ -1,0 +1,181 @@
+"""Live sources through the engine: `POST /infer` with a `source` opens a reader, and each processed frame becomes
+one NDJSON line until the source ends, a limit is hit, the stream is deleted, or the client disconnects.
+
+A stream is processed one frame at a time (batch 1: batching would add a frame period of latency); the reader keeps
+decoding into its single-slot buffer meanwhile, so the next frame processed is always the newest one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from service.errors import BadInput, Forbidden, ServiceError
+from service.metrics import ServiceMetrics
+from service.schemas import FrameInfo, StreamInfo, StreamRequest
+from service.serving import InferenceService, InferOptions
+from service.settings import Settings
+from service.streams.reader import FINAL_STATES, ReaderOptions
+from service.streams.registry import StreamNotFound, StreamRegistry
+from service.streams.sources import SourceNotAllowed
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.25  # how often a waiting stream loop looks at its limits and at the client
+
+
+class _MetricsListener:
+    """Reader events -> Prometheus series of that stream."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def on_frame(self, stream_id: str) -> None:
+        pass
+
+    def on_drop(self, stream_id: str, reason: str) -> None:
+        self.metrics.frames.labels("dropped", "stream").inc()
+        self.metrics.dropped.labels(reason, "stream").inc()
+
+    def on_reconnect(self, stream_id: str) -> None:
+        self.metrics.reconnects.labels(stream_id).inc()
+
+    def on_state(self, stream_id: str, state: str) -> None:
+        self.metrics.stream_up.labels(stream_id).set(1.0 if state == "streaming" else 0.0)
+
+
+class StreamsApi:
+    """Opens, runs, lists and stops stream sources for the routes."""
+
+    def __init__(self, settings: Settings, service: InferenceService, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.service = service
+        self.metrics = metrics
+        self.registry = StreamRegistry(
+            settings.stream_allowlist,
+            listener=_MetricsListener(metrics),
+            default_options=ReaderOptions(
+                open_timeout=settings.stream_open_timeout_s, read_timeout=settings.stream_read_timeout_s
+            ),
+        )
+
+    def close(self) -> None:
+        self.registry.close_all()
+
+    def snapshot(self) -> list[StreamInfo]:
+        return [
+            StreamInfo(
+                id=s.id,
+                url=s.url,
+                state=s.state,
+                fps=round(s.fps, 2),
+                frames_read=s.frames_read,
+                frames_processed=s.frames_processed,
+                frames_dropped=s.frames_dropped,
+                reconnects=s.reconnects,
+                last_error=s.last_error,
+                age_s=round(s.age_s, 3),
+                last_frame_age_s=None if s.last_frame_age_s is None else round(s.last_frame_age_s, 3),
+            )
+            for s in self.registry.list()
+        ]
+
+    def stop(self, stream_id: str) -> bool:
+        """Stop a stream; False when no stream has this id."""
+        try:
+            self.registry.remove(stream_id)
+        except StreamNotFound:
+            return False
+        return True
+
+    def refresh_gauges(self) -> None:
+        """Point-in-time gauges, refreshed when Prometheus scrapes."""
+        snapshots = self.registry.list()
+        self.metrics.streams_active.set(len(snapshots))
+        for snap in snapshots:
+            self.metrics.stream_fps.labels(snap.id).set(snap.fps)
+        batcher = self.service.batcher
+        self.metrics.ready.set(1.0 if batcher.ready else 0.0)
+        engine = batcher.engine
+        if engine is not None:
+            m = self.service.bundle.manifest
+            self.metrics.model_info.labels(
+                m.name, m.family, self.service.bundle.version, engine.backend, engine.device, engine.precision
+            ).set(1)
+            self.metrics.engine_warmup.set(batcher.startup_seconds)
+
+    async def open(self, request: StreamRequest, options: InferOptions) -> AsyncIterator[bytes]:
+        """Check the source and start its reader (errors here become a normal JSON error reply), then stream."""
+        try:
+            stream_id = self.registry.add(request.source)
+        except SourceNotAllowed as err:
+            self.metrics.rejected.labels("forbidden_source").inc()
+            raise Forbidden("source_not_allowed", str(err), param="source") from None
+        except ValueError as err:
+            raise BadInput("bad_source", str(err), param="source") from None
+        live = InferOptions(options.mask, options.tasks, None, request.include_frame)
+        return self._lines(stream_id, request, live)
+
+    async def _lines(self, stream_id: str, request: StreamRequest, options: InferOptions) -> AsyncIterator[bytes]:
+        reader = self.registry.get(stream_id)
+        started = time.monotonic()
+        produced = 0
+        last_index = -1
+        next_due = 0.0
+        period = 1.0 / request.fps if request.fps else 0.0
+        reason = "ended"
+        try:
+            while True:
+                if request.max_frames is not None and produced >= request.max_frames:
+                    reason = "max_frames"
+                    break
+                if request.max_seconds is not None and time.monotonic() - started >= request.max_seconds:
+                    reason = "max_seconds"
+                    break
+                frame = await asyncio.to_thread(reader.get, POLL_S, last_index)
+                if frame is None:
+                    state = reader.state
+                    if state in FINAL_STATES:
+                        reason = state
+                        break
+                    continue
+                if period and time.monotonic() < next_due:
+                    continue  # over the requested rate: skip this one, the next is newer anyway
+                next_due = time.monotonic() + period
+                dropped = frame.index - last_index - 1 if last_index >= 0 else frame.index
+                last_index = frame.index
+                info = FrameInfo(
+                    id=frame.index,
+                    timestamp=frame.pts,
+                    captured_at=frame.captured_at,
+                    width=frame.image.shape[1],
+                    height=frame.image.shape[0],
+                    dropped_before=max(dropped, 0),
+                )
+                try:
+                    outcome = await self.service.infer_array(frame.image, info, options, source="stream")
+                except ServiceError as err:
+                    yield _line({**err.body(), "frame": {"id": frame.index}})
+                    continue
+                self.metrics.frame_age.labels(stream_id).observe(time.time() - frame.captured_at)
+                self.registry.mark_processed(stream_id)
+                produced += 1
+                yield (outcome.result.model_dump_json() + "\n").encode()
+            stats = reader.stats()
+            end: dict[str, Any] = {"end": {"reason": reason, "stream": stream_id, "frames": produced}}
+            if reason == "failed" and stats.last_error:
+                end["error"] = {"code": "stream_failed", "message": stats.last_error}
+            yield _line(end)
+        finally:  # also runs when the client disconnects (the generator is closed): the reader stops at once
+            with contextlib.suppress(StreamNotFound):  # already gone after DELETE /streams/{id}
+                self.registry.remove(stream_id, timeout=0)  # never block the event loop on the reader thread
+            self.metrics.forget_stream(stream_id)
+
+
+def _line(body: dict[str, Any]) -> bytes:
+    return (json.dumps(body) + "\n").encode()

@@ -1,0 +1,91 @@
+"""Security and overload on the real server: bearer token, upload limit (declared and chunked), queue full -> 503."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from export.onnx_export import export_onnx
+from tests.service.conftest import TOKEN, encode
+from tests.service.server import ServerProcess
+
+UPLOAD_LIMIT = 300_000
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def slow_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model at 224 x 224: slow enough per frame on CPU that a burst fills a one-frame queue."""
+    out = tmp_path_factory.mktemp("slow-bundle")
+    export_onnx(endoarss_ckpt, out, height=224, width=224, overwrite=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def guarded(slow_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {
+        "ENDOSTREAM_API_TOKEN": TOKEN,
+        "ENDOSTREAM_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+        "ENDOSTREAM_QUEUE_LIMIT": "1",
+        "ENDOSTREAM_MAX_BATCH": "1",
+    }
+    proc = ServerProcess(slow_bundle, env=env).start(tmp_path_factory.mktemp("guarded"))
+    yield proc
+    proc.stop()
+
+
+def test_token_required_except_probes_and_metrics(guarded, frames) -> None:
+    data = encode(frames[0])
+    for method, path in [("POST", "/infer"), ("GET", "/model"), ("GET", "/streams"), ("DELETE", "/streams/x")]:
+        reply = httpx.request(method, f"{guarded.url}{path}", content=data if method == "POST" else None)
+        assert reply.status_code == 401, (path, reply.text)
+        assert reply.json()["error"]["code"] == "unauthorized"
+        wrong = httpx.request(method, f"{guarded.url}{path}", headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(f"{guarded.url}{path}").status_code == 200, path
+    ok = httpx.post(f"{guarded.url}/infer", content=data, headers={**AUTH, "content-type": "image/jpeg"}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    assert httpx.get(f"{guarded.url}/model", headers=AUTH).status_code == 200
+
+
+def test_upload_limit_declared_and_chunked(guarded, frames) -> None:
+    big = encode(frames[3], ".png")
+    assert len(big) > UPLOAD_LIMIT
+    headers = {**AUTH, "content-type": "image/png"}
+    reply = httpx.post(f"{guarded.url}/infer", content=big, headers=headers)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "body_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while reading
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    reply = httpx.post(f"{guarded.url}/infer", content=chunks(), headers=headers)
+    assert reply.status_code == 413, reply.text
+    small = encode(frames[0])
+    assert httpx.post(f"{guarded.url}/infer", content=small, headers={**AUTH, "content-type": "image/jpeg"}).is_success
+
+
+def test_queue_full_answers_503_with_retry_after_at_once(guarded, frames) -> None:
+    data = encode(frames[0])
+    headers = {**AUTH, "content-type": "image/jpeg"}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post(f"{guarded.url}/infer", content=data, headers=headers) for _ in range(24))
+            )
+
+    replies = asyncio.run(burst())
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    refused = next(r for r in replies if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert "ENDOSTREAM_QUEUE_LIMIT" in refused.json()["error"]["message"]
+    assert httpx.post(f"{guarded.url}/infer", content=data, headers=headers, timeout=30).status_code == 200
