@@ -162,6 +162,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     onnx.add_argument("--logits", action="store_true", help="also output every task's logits")
     onnx.add_argument("--tasks", nargs="+", help="export only these tasks (default: all, in one fused graph)")
     onnx.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
+    onnx.add_argument(
+        "--torch-program",
+        action="store_true",
+        help="also write model.pt2 (torch.export program) for the service's torch backend",
+    )
     onnx.set_defaults(func=_run_export_onnx)
     quantize = export_sub.add_parser("quantize", help="an INT8 bundle (static QDQ quantisation, calibrated)")
     quantize.add_argument("bundle", type=Path, help="fp32 bundle folder")
@@ -209,6 +214,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         logits=args.logits,
         tasks=args.tasks,
         overwrite=args.overwrite,
+        torch_program=args.torch_program,
     )
     parity = result.manifest.checks["parity"]
     print(
@@ -216,6 +222,8 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         f"opset {result.manifest.opset}), parity max prob diff {parity['max_prob_diff']:.1e}, "
         f"mask agreement {parity['mask_agreement']:.4f}, {result.seconds:.1f} s"
     )
+    if "torch_program" in result.manifest.checks:
+        print(f"{result.bundle}: {result.manifest.checks['torch_program']['file']} (torch.export program)")
     return 0
 
 

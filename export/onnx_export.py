@@ -5,6 +5,10 @@ already); pin the position grid to the export size; export the `BundleGraph` wra
 export mode (explicit attention instead of fused SDPA); run `onnx.checker` and shape inference; compare ONNX Runtime
 with PyTorch on generated endoscopy frames at batch 1 and 8; write `manifest.json`. A graph that fails a check is not
 left in the bundle.
+
+With `torch_program` the same wrapper is also saved as a `torch.export` program (`model.pt2`) for the service's torch
+backend. It keeps fused attention (SDPA: flash / memory-efficient kernels on a GPU), is checked against the ONNX graph
+with the same tolerances, and is recorded in the manifest's `checks["torch_program"]` with its sha256.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -42,6 +47,8 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization is a standard op from 17 on
 PARITY_FRAMES = 8
 PARITY_SEED = 20261123
+_BATCH_DIM = torch.export.Dim("batch", min=1, max=1024)
+TORCH_PROGRAM_FILE = "model.pt2"  # the service's bundle reader looks for this name
 
 
 @dataclass
@@ -91,6 +98,7 @@ def export_onnx(
     logits: bool = False,
     tasks: Sequence[str] | None = None,
     overwrite: bool = False,
+    torch_program: bool = False,
 ) -> ExportResult:
     """Export `checkpoint` into the bundle folder `out`.
 
@@ -103,6 +111,7 @@ def export_onnx(
         logits: add `<task>_logits` outputs.
         tasks: export only these tasks (default: all); a graph per task is what the fused graph is compared with.
         overwrite: replace an existing bundle in `out`.
+        torch_program: also write `model.pt2` (`torch.export` program of the same wrapper, dynamic batch).
 
     Raises:
         ValueError: bad size or opset, an existing bundle, or a graph that fails a check (nothing is kept then).
@@ -130,6 +139,8 @@ def export_onnx(
     outputs = graph.outputs
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
+    program_path = out / TORCH_PROGRAM_FILE
+    program_path.unlink(missing_ok=True)  # a program left from an earlier export would not match the new graph
     sample = torch.from_numpy(generated_frames(2, height, width))
     logger.info("exporting %s at %dx%d (opset %d) to %s", checkpoint, height, width, opset, path)
     try:
@@ -140,7 +151,7 @@ def export_onnx(
                 str(path),
                 input_names=[INPUT_NAME],
                 output_names=[o.name for o in outputs],
-                dynamic_shapes={"frames": {0: torch.export.Dim("batch", min=1, max=1024)}},
+                dynamic_shapes={"frames": {0: _BATCH_DIM}},
                 opset_version=opset,
                 external_data=False,
                 dynamo=True,
@@ -157,8 +168,10 @@ def export_onnx(
                 f"ONNX Runtime disagrees with PyTorch: max probability difference {parity.max_prob_diff:.2e} "
                 f"(limit {PROB_TOLERANCE:g}), mask agreement {parity.mask_agreement:.5f} (limit {MASK_AGREEMENT:g})"
             )
+        program = _export_torch_program(graph, sample, program_path, frames, outputs) if torch_program else None
     except Exception:
         path.unlink(missing_ok=True)
+        program_path.unlink(missing_ok=True)
         raise
     logger.info(
         "checks passed: onnx.checker (full), shape inference, parity at batch %s (max prob diff %.1e, masks %.4f)",
@@ -184,12 +197,42 @@ def export_onnx(
             "weights": sum(initializer_sizes(proto).values()),
             "source_checkpoint": str(checkpoint),
             "source_merged": ckpt.merged,
+            **({"torch_program": program} if program else {}),
         },
     )
     write_manifest(out, manifest)
     seconds = time.perf_counter() - started
     logger.info("bundle written to %s in %.1f s", out, seconds)
     return ExportResult(out, manifest, seconds)
+
+
+def _export_torch_program(
+    graph: BundleGraph, sample: torch.Tensor, path: Path, frames: np.ndarray, outputs: list[GraphOutput]
+) -> dict[str, Any]:
+    """Save `graph` as a `torch.export` program at `path`, check the reloaded program against the ONNX graph.
+
+    Exported outside `exportable()`: the program keeps fused SDPA attention, which the ONNX graph cannot carry but
+    a GPU runs fastest. Returns the manifest record (file, sha256, output names, torch version, parity).
+    """
+    with torch.no_grad():
+        program = torch.export.export(graph, (sample,), dynamic_shapes={"frames": {0: _BATCH_DIM}})
+    torch.export.save(program, path)
+    reloaded = torch.export.load(path).module()  # check what the service will load, not the in-memory program
+    parity = check_parity(reloaded, path.with_name(MODEL_FILE), frames, [o.kind for o in outputs])
+    if not parity.passed:
+        raise ValueError(
+            f"the torch program disagrees with the ONNX graph: max probability difference {parity.max_prob_diff:.2e} "
+            f"(limit {PROB_TOLERANCE:g}), mask agreement {parity.mask_agreement:.5f} (limit {MASK_AGREEMENT:g})"
+        )
+    logger.info("torch program written to %s (parity at batch %s)", path, parity.batches)
+    # pt2 archives load reliably only into the torch version that wrote them: the service warns on a mismatch
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "outputs": [o.name for o in outputs],  # the program returns a tuple: these name it, as in the ONNX graph
+        "torch": torch.__version__,
+        "parity": parity.to_dict(),
+    }
 
 
 def _task_entries(tasks: list[dict], outputs: list[GraphOutput]) -> list[TaskEntry]:
