@@ -252,6 +252,92 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
     engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (torch backend)")
     engine.set_defaults(func=_run_bench_engine)
+    http = bench_sub.add_parser(
+        "http", help="the service over HTTP: e2e latency split, throughput with/without batching"
+    )
+    http.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the demo bundle)")
+    http.add_argument("--concurrency", default="1,8", help="comma-separated client counts (default 1,8)")
+    http.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    http.add_argument("--size", default="1920x1080", help="generated JPEG frame size WxH (default 1920x1080)")
+    http.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated frames")
+    http.add_argument("--mask", choices=["png", "rle", "none"], default="png")
+    http.add_argument("--max-batch", type=int, default=8, help="dynamic batch of the batching variant")
+    http.add_argument("--threads", type=int, default=0, help="engine threads (0: backend default)")
+    http.add_argument("--json", type=Path, required=True, help="where the results go")
+    http.set_defaults(func=_run_bench_http)
+    stream = bench_sub.add_parser("stream", help="a live source through the service: fps, drops, frame age")
+    stream.add_argument("--source", required=True, help="rtsp://..., http(s)://... (MJPEG) or file:... URL")
+    stream.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the demo bundle)")
+    stream.add_argument("--seconds", type=float, default=60.0)
+    stream.add_argument("--mask", choices=["png", "rle", "none"], default="png")
+    stream.add_argument("--threads", type=int, default=0)
+    stream.add_argument("--json", type=Path, required=True, help="where the results go")
+    stream.set_defaults(func=_run_bench_stream)
+
+
+def _bench_frames(size: str, quality: int, count: int = 8) -> list[bytes]:
+    """Generated endoscopy frames as JPEG bytes at `size` (WxH)."""
+    import cv2
+
+    from training.data.synth import render_image
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {size!r} must look like 1920x1080") from None
+    frames = []
+    for i in range(count):
+        rgb = render_image(11, i, height=height, width=width).image
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        frames.append(buf.tobytes())
+    return frames
+
+
+def _bench_bundle(bundle: Path | None) -> Path:
+    from service.settings import DEFAULT_BUNDLE
+
+    bundle = bundle or DEFAULT_BUNDLE
+    if not (bundle / "manifest.json").is_file():
+        raise FileNotFoundError(f"{bundle} is not a bundle: pass --bundle or build the demo bundle with `make demo`")
+    return bundle
+
+
+def _run_bench_http(args: argparse.Namespace) -> int:
+    import json
+
+    from service.bench import bench_http, format_http
+
+    concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    report = bench_http(
+        _bench_bundle(args.bundle),
+        _bench_frames(args.size, args.quality),
+        concurrency=concurrency,
+        requests=args.requests,
+        max_batch=args.max_batch,
+        mask=args.mask,
+        threads=args.threads,
+    )
+    report["frame_size"] = args.size
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_http(report))
+    print(f"written to {args.json}")
+    return 0
+
+
+def _run_bench_stream(args: argparse.Namespace) -> int:
+    import json
+
+    from service.bench import bench_stream, format_stream
+
+    report = bench_stream(
+        _bench_bundle(args.bundle), args.source, seconds=args.seconds, mask=args.mask, threads=args.threads
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_stream(report))
+    print(f"written to {args.json}")
+    return 0
 
 
 def _run_bench_engine(args: argparse.Namespace) -> int:

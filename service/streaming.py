@@ -27,6 +27,7 @@ from service.streams.sources import SourceNotAllowed
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often a waiting stream loop looks at its limits and at the client
+UNREACHABLE_AFTER = 3  # failed opens before the first frame after which the request ends with an error line
 
 
 class _MetricsListener:
@@ -139,9 +140,12 @@ class StreamsApi:
                     break
                 frame = await asyncio.to_thread(reader.get, POLL_S, last_index)
                 if frame is None:
-                    state = reader.state
-                    if state in FINAL_STATES:
-                        reason = state
+                    stats = reader.stats()
+                    if stats.state in FINAL_STATES:
+                        reason = stats.state
+                        break
+                    if produced == 0 and stats.frames_read == 0 and stats.consecutive_failures >= UNREACHABLE_AFTER:
+                        reason = "unreachable"  # a live source that never answered: tell the client, do not hang
                         break
                     continue
                 if period and time.monotonic() < next_due:
@@ -168,8 +172,12 @@ class StreamsApi:
                 yield (outcome.result.model_dump_json() + "\n").encode()
             stats = reader.stats()
             end: dict[str, Any] = {"end": {"reason": reason, "stream": stream_id, "frames": produced}}
-            if reason == "failed" and stats.last_error:
-                end["error"] = {"code": "stream_failed", "message": stats.last_error}
+            if reason in ("failed", "unreachable"):
+                end["error"] = {
+                    "code": f"stream_{reason}",
+                    "message": f"{stats.last_error or 'no frames'} after {stats.consecutive_failures} attempts",
+                    "param": "source",
+                }
             yield _line(end)
         finally:  # also runs when the client disconnects (the generator is closed): the reader stops at once
             with contextlib.suppress(StreamNotFound):  # already gone after DELETE /streams/{id}

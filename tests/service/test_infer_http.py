@@ -183,3 +183,34 @@ def test_request_id_echoed(server) -> None:
     reply = httpx.get(f"{server.url}/healthz", headers={"x-request-id": "abc-123"})
     assert reply.headers["x-request-id"] == "abc-123"
     assert len(httpx.get(f"{server.url}/healthz").headers["x-request-id"]) == 32
+
+
+def test_metrics_after_traffic(server, frames) -> None:
+    from tests.service.metrics_text import scrape, value
+
+    before = scrape(server.url)
+    for _ in range(3):
+        assert _post(server, encode(frames[0])).status_code == 200
+    assert _post(server, b"junk", "image/jpeg").status_code == 400
+    after = scrape(server.url)
+    route = {"route": "/infer", "method": "POST"}
+    grew = value(after, "endostream_http_request_duration_seconds_count", status_class="2xx", **route) - value(
+        before, "endostream_http_request_duration_seconds_count", status_class="2xx", **route
+    )
+    assert grew == 3
+    assert value(after, "endostream_http_request_duration_seconds_count", status_class="4xx", **route) >= 1
+    for stage in ("decode", "preprocess", "queue", "infer", "postprocess", "encode"):
+        assert value(after, "endostream_stage_duration_seconds_count", stage=stage) >= 3, stage
+    buckets = {lab["le"] for name, lab, _ in after["endostream_stage_duration_seconds"] if name.endswith("_bucket")}
+    assert {"0.0167", "0.0333", "0.0667"} <= buckets  # exact frame-period boundaries
+    processed = value(after, "endostream_frames_total", outcome="processed", source="http")
+    assert processed - value(before, "endostream_frames_total", outcome="processed", source="http") == 3
+    assert value(after, "endostream_frames_total", outcome="failed", source="http") >= 1
+    assert value(after, "endostream_rejected_total", reason="bad_input") >= 1
+    assert value(after, "endostream_batch_size_count") >= 3
+    assert value(after, "endostream_frame_latency_seconds_count", source="http") >= 3
+    assert value(after, "endostream_ready") == 1
+    assert value(after, "endostream_queue_depth") == 0
+    assert value(after, "endostream_http_requests_in_flight") == 1  # the scrape itself
+    info = after["endostream_model_info"][0][1]
+    assert info["backend"] == "onnxruntime" and info["family"] == "endoarss" and len(info["version"]) == 12

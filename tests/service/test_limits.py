@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 
 from export.onnx_export import export_onnx
 from tests.service.conftest import TOKEN, encode
@@ -89,3 +91,25 @@ def test_queue_full_answers_503_with_retry_after_at_once(guarded, frames) -> Non
     assert refused.json()["error"]["code"] == "overloaded"
     assert "ENDOSTREAM_QUEUE_LIMIT" in refused.json()["error"]["message"]
     assert httpx.post(f"{guarded.url}/infer", content=data, headers=headers, timeout=30).status_code == 200
+
+
+def test_websocket_needs_the_token(guarded, frames) -> None:
+    url = guarded.url.replace("http://", "ws://") + "/ws/infer"
+
+    async def refused() -> int | None:
+        try:
+            async with websockets.connect(url) as ws:
+                await ws.recv()
+        except websockets.ConnectionClosed as closed:
+            return closed.rcvd.code if closed.rcvd else None
+        except websockets.InvalidStatus as err:
+            return err.response.status_code
+        return None
+
+    async def accepted() -> dict:
+        async with websockets.connect(f"{url}?token={TOKEN}") as ws:
+            await ws.send(encode(frames[0]))
+            return json.loads(await ws.recv())
+
+    assert asyncio.run(refused()) in (1008, 403)
+    assert asyncio.run(accepted())["activity"]["label"]
