@@ -161,9 +161,9 @@ class Batcher:
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
-            while not self._queue:
+            while not self._queue or not self._running:
                 if not self._running:
-                    return None
+                    return None  # shutting down: what is still queued is failed by _fail_queued
                 self._cond.wait()
             batch = [self._queue.popleft()]
             deadline = batch[0].enqueued + self.max_queue_delay_s
