@@ -1,4 +1,4 @@
-"""The main job on the embedded default: generate data if missing, train the tiny config, evaluate it on test."""
+"""The main job on the embedded default: generate data and clips if missing, train the tiny config, evaluate on test."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 
 from training.config import load_config
-from training.data.writer import synthesize_dataset
+from training.data.writer import synthesize_dataset, write_clip
 from training.evaluate import run_evaluation
 from training.trainer import train
 
 logger = logging.getLogger(__name__)
+
+DEMO_CLIPS = 2
 
 
 def run_demo(workdir: Path, *, images: int = 4000, seed: int = 0) -> dict:
@@ -20,6 +22,12 @@ def run_demo(workdir: Path, *, images: int = 4000, seed: int = 0) -> dict:
     if not (data / "labels.json").is_file():
         logger.info("generating %d synthetic endoscopy frames into %s", images, data)
         synthesize_dataset(data, images=images, seed=seed, workers=os.cpu_count() or 1)
+    videos = data / "videos"
+    if not any(videos.glob("clip_*.mp4")):  # live-source material for the service's stream demo
+        videos.mkdir(parents=True, exist_ok=True)
+        for index in range(DEMO_CLIPS):
+            write_clip(videos, index, seed, seconds=20.0, fps=30)
+        logger.info("wrote %d clips (20 s, 30 fps) into %s", DEMO_CLIPS, videos)
     run = workdir / "runs" / "tiny"
     if not (run / "best-merged" / "model.safetensors").is_file():
         train(load_config("tiny", [f"data.root={data}"]), run, resume=True)
