@@ -161,15 +161,17 @@ class Batcher:
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
-            while not self._queue or not self._running:
-                if not self._running:
-                    return None  # shutting down: what is still queued is failed by _fail_queued
-                self._cond.wait()
-            batch = [self._queue.popleft()]
+            batch: list[_Pending] = []
+            while not batch:
+                while not self._queue or not self._running:
+                    if not self._running:
+                        return None  # shutting down: what is still queued is failed by _fail_queued
+                    self._cond.wait()
+                batch = self._take(1)
             deadline = batch[0].enqueued + self.max_queue_delay_s
             while len(batch) < self.max_batch:
                 if self._queue:
-                    batch.append(self._queue.popleft())
+                    batch += self._take(self.max_batch - len(batch))
                     continue
                 remaining = deadline - time.perf_counter()
                 if self._incoming == 0 or remaining <= 0 or not self._running:
@@ -177,6 +179,15 @@ class Batcher:
                 self._cond.wait(remaining)
             self._metrics.queue_depth.set(len(self._queue))
         return batch
+
+    def _take(self, limit: int) -> list[_Pending]:
+        """Up to `limit` queued frames whose callers still wait (a caller that went away cancelled its future)."""
+        taken = []
+        while self._queue and len(taken) < limit:
+            pending = self._queue.popleft()
+            if pending.future.set_running_or_notify_cancel():  # False: cancelled; from now on it cannot be
+                taken.append(pending)
+        return taken
 
     def _run(self, engine: Engine, batch: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -196,5 +207,5 @@ class Batcher:
 
     def _fail_queued(self) -> None:
         with self._cond:
-            while self._queue:
-                self._queue.popleft().future.set_exception(NotReady("the service is shutting down"))
+            for pending in self._take(len(self._queue)):
+                pending.future.set_exception(NotReady("the service is shutting down"))

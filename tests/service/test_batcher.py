@@ -141,3 +141,19 @@ def test_stop_closes_the_engine_and_fails_queued_frames() -> None:
     with pytest.raises(NotReady):
         waiting.result(5)
     assert engine.closed
+
+
+def test_a_caller_that_gave_up_is_skipped_and_the_worker_survives() -> None:
+    engine = SlowEngine(delay=0.2)
+    batcher = _batcher(engine, max_batch=4)
+    try:
+        busy = batcher.submit(_frame(0))
+        time.sleep(0.05)
+        abandoned = batcher.submit(_frame(1))
+        assert abandoned.cancel()  # e.g. the HTTP client disconnected while its frame was queued
+        kept = batcher.submit(_frame(2))
+        assert busy.result(5).outputs["echo"] == 0
+        assert kept.result(5).outputs["echo"] == 2
+        assert engine.batches == [1, 1]  # the abandoned frame never reached the engine
+    finally:
+        batcher.stop()
