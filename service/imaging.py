@@ -8,6 +8,7 @@ JPEG is decoded straight at the smallest DCT scale that still covers the model i
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from dataclasses import dataclass
 
@@ -102,15 +103,44 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
-def class_fractions(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """Share of pixels of each class (length `num_classes`)."""
-    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
-    return counts / max(mask.size, 1)
+def class_fractions(
+    mask: np.ndarray, num_classes: int, height: int | None = None, width: int | None = None
+) -> np.ndarray:
+    """Share of pixels of each class (length `num_classes`) in `mask` resized to `height` x `width` by `resize_mask`.
+
+    Computed on the small model-size map, exactly: nearest-exact resizing repeats source row `i` `rows[i]` times and
+    column `j` `cols[j]` times, so each source pixel stands for `rows[i] * cols[j]` output pixels. A 96 x 96 map
+    costs microseconds where counting the 1080p map costs milliseconds.
+    """
+    h, w = mask.shape
+    height, width = height or h, width or w
+    rows = np.bincount(_nearest_exact_sources(h, height), minlength=h)
+    cols = np.bincount(_nearest_exact_sources(w, width), minlength=w)
+    weights = np.outer(rows, cols).ravel().astype(np.float64)
+    counts = np.bincount(mask.ravel(), weights=weights, minlength=num_classes)[:num_classes]
+    return counts / float(height * width)
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest_exact_sources(src: int, dst: int) -> np.ndarray:
+    """Source index of each output index, asked of OpenCV itself: its fixed-point rounding differs from the exact
+    formula floor((x + .5) * src / dst) for some sizes (e.g. 96 -> 1080), and the counts must match it exactly."""
+    ramp = np.arange(src, dtype=np.float32)[None, :]
+    return cv2.resize(ramp, (dst, 1), interpolation=cv2.INTER_NEAREST_EXACT)[0].astype(np.int64)
+
+
+# Up filter + run-length zlib: a nearest-upscaled class map is runs of equal values and rows equal to the row above,
+# so this is ~7x faster than OpenCV's default adaptive filtering at 1080p and the file is smaller too.
+MASK_PNG_PARAMS = [
+    cv2.IMWRITE_PNG_COMPRESSION, 1,
+    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+]  # fmt: skip
 
 
 def encode_mask_png(mask: np.ndarray) -> str:
-    """Base64 single-channel PNG whose pixel values are class indices (fast zlib level)."""
-    ok, buf = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    """Base64 single-channel PNG whose pixel values are class indices."""
+    ok, buf = cv2.imencode(".png", mask, MASK_PNG_PARAMS)
     if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays, which we never build
         raise RuntimeError("PNG encoding of the mask failed")
     return base64.b64encode(buf.tobytes()).decode("ascii")

@@ -197,8 +197,9 @@ class InferenceService:
         seg = self.segmentation_task
         seg_result = None
         if seg is not None and (wanted is None or seg.name in wanted):
-            mask = imaging.resize_mask(batch.outputs[seg.output], info.height, info.width)
-            fractions = imaging.class_fractions(mask, len(seg.classes))
+            small = batch.outputs[seg.output]
+            mask = imaging.resize_mask(small, info.height, info.width)
+            fractions = imaging.class_fractions(small, len(seg.classes), info.height, info.width)
             present = [
                 ClassPresence(index=int(i), name=seg.classes[i], fraction=round(float(fractions[i]), 6))
                 for i in np.argsort(-fractions)
