@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import platform
 import statistics
@@ -24,6 +25,7 @@ import numpy as np
 from service.launcher import ServiceProcess
 
 STAGES = ("decode", "preprocess", "queue", "infer", "postprocess", "encode")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would time the log, not the service
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
