@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from training.checkpoint import merged_copy
 from training.models.endoarss import EndoARSS
+from training.models.protocol import ExportableModel
 
 INPUT_NAME = "frames"
 
@@ -84,6 +85,8 @@ def prepare_for_export(model: EndoARSS, height: int, width: int, *, merged: bool
         width: model input width in pixels.
         merged: `model` already holds merged per-task weights (a `best-merged` checkpoint).
     """
+    if isinstance(model, ExportableModel):  # families with their own inference form (see the protocol)
+        return model.inference_copy(height, width).eval().requires_grad_(False)
     prepared = copy.deepcopy(model if merged else merged_copy(model))
     pin_position_grid(prepared, height, width)
     for param in prepared.parameters():

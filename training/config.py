@@ -57,7 +57,9 @@ class HeadsConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["endoarss"] = "endoarss"
+    family: Literal["endoarss", "sak", "msam", "bdta"] = field(
+        default="endoarss", metadata={"help": "model family; training.factory.FAMILIES maps it to its builder"}
+    )
     image_size: tuple[int, int] = (128, 128)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     sma: SMAConfig = field(default_factory=SMAConfig)

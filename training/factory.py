@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -41,26 +42,49 @@ def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig
     )
 
 
+# family -> "module:function" building it with the signature of `build_endoarss`; imported on first use so a family's
+# extra code (teachers, SAM decoders) loads only when that family is built.
+FAMILIES: dict[str, str] = {
+    "endoarss": "training.factory:build_endoarss",
+}
+
+
 def build_model(
     cfg: ModelConfig,
     tasks: Sequence[dict[str, Any]],
     *,
     load_backbone_weights: bool = True,
     merged: bool = False,
-) -> EndoARSS:
-    """Build an EndoARSS model for `tasks` (the `tasks` list of labels.json).
+) -> nn.Module:
+    """Build the model of `cfg.family` for `tasks` (the `tasks` list of labels.json).
+
+    Every family returns a module with the `training.models.protocol.MultiTaskModel` interface, which is all the
+    trainer, the evaluator, checkpoints and the exporter rely on.
 
     Args:
         cfg: model section of the experiment config.
         tasks: dicts with `name`, `kind` ("classification" | "segmentation") and `classes`.
-        load_backbone_weights: read `cfg.backbone.checkpoint` (False when a full checkpoint follows anyway).
+        load_backbone_weights: read pretrained weights named by the config (False when a full checkpoint follows).
         merged: build the adapter-free merged form (per-task stacked weights) that merged checkpoints hold.
     """
-    if cfg.family != "endoarss":
-        raise ValueError(f"model family {cfg.family!r} is not built by this version; supported: 'endoarss'")
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"model.family {cfg.family!r} is not built by this version; known: {sorted(FAMILIES)}")
     for task in tasks:
         if task.get("kind") not in TASK_KINDS:
             raise ValueError(f"task {task.get('name')!r} has kind {task.get('kind')!r}; expected one of {TASK_KINDS}")
+    module_name, function = FAMILIES[cfg.family].split(":")
+    builder = getattr(importlib.import_module(module_name), function)
+    return builder(cfg, tasks, load_backbone_weights=load_backbone_weights, merged=merged)
+
+
+def build_endoarss(
+    cfg: ModelConfig,
+    tasks: Sequence[dict[str, Any]],
+    *,
+    load_backbone_weights: bool = True,
+    merged: bool = False,
+) -> EndoARSS:
+    """EndoARSS (paper): DINOv2 + shared LoRA + TESLA per-task streams + SMA, ASPP and activity heads."""
     checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
     backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
     height, width = cfg.image_size

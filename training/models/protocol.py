@@ -1,0 +1,43 @@
+"""What every model family gives the trainer, the evaluator, checkpoints and the exporter.
+
+A family is free inside; at its surface it takes uint8-range images and task names and returns per-task logits,
+says which of its parameters belong to one task (for per-task gradient methods such as DB-MTL), and can turn itself
+into an adapter-free inference copy for a fixed input size (what the exporter traces).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class MultiTaskModel(Protocol):
+    task_kinds: dict[str, str]  # task -> "classification" | "segmentation", in model order
+
+    @property
+    def tasks(self) -> tuple[str, ...]: ...
+
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """images: B x 3 x H x W, 0-255 range (uint8 or float; the model normalises) -> logits per task:
+        classification B x K, segmentation B x K x H x W at the input size."""
+        ...
+
+    def task_parameter_names(self) -> dict[str, list[str]]:
+        """Parameter names owned by each task (heads, per-task adapters); the rest is shared."""
+        ...
+
+
+@runtime_checkable
+class ExportableModel(MultiTaskModel, Protocol):
+    """Families whose inference form differs from their training form implement this; the exporter calls it.
+
+    EndoARSS does not need to: `export.graph.prepare_for_export` knows its adapters and position table.
+    """
+
+    def inference_copy(self, height: int, width: int) -> nn.Module:
+        """An eval-mode copy for a fixed `height` x `width` input with every adapter merged, every training-only
+        part (teachers, aligners, router noise) dropped, and position tables pinned; the original is untouched."""
+        ...
