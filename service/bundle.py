@@ -116,7 +116,7 @@ def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise FileNotFoundError(
             f"{path} is not a bundle: no {MANIFEST_FILE}. Build one with `endostream export onnx CHECKPOINT --out "
-            f"{path}` or run `endostream serve` without --bundle to use the demo bundle"
+            f"{path}`, or run `make demo` to build and serve the demo bundle"
         )
     try:
         raw = json.loads(manifest_path.read_text())

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.settings import DEFAULT_BUNDLE, Settings
 
 logger = logging.getLogger("endostream.service")
@@ -50,8 +52,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag, None) is not None
     }
-    base = Settings()
-    return Settings.model_validate({**base.model_dump(), **overrides})
+    try:
+        base = Settings()
+        return Settings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as err:  # one line per bad value, naming the variable or flag, instead of a traceback
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"invalid settings (ENDOSTREAM_* variables or flags): {problems}") from None
 
 
 def run_serve(settings: Settings) -> None:
