@@ -4,6 +4,11 @@ DINOv2 variants follow dinov2 `hub/backbones.py` (`dinov2_vit{s,b,l,g}14`, `*_re
 14; ViT-g/14 = width 1536, 40 blocks, 24 heads, SwiGLU FFN) with the interpolation convention each release uses.
 LayerScale starts at 1e-5 (the DINOv2 training value; checkpoints overwrite it). The tiny variants exist for tests and
 CPU training. Pattern: SAM `build_sam.py` (`sam_model_registry`), timm `_builder.py` (`load_pretrained`).
+
+`ENCODERS` lists the encoders with their own forward contracts (teachers and SAM-based families): the SAM image
+encoder (`training.models.sam_encoder`, `forward_features(x)["image_embeddings"]`; sizes of SAM `build_sam.py`) and,
+where registered, the CLIP vision tower. `build_backbone` and `describe` serve both dicts; each family has its own
+checkpoint loader (`training.convert_sam`, `training.convert_clip`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from training.convert_sam import load_sam_weights, sam_checkpoint_filter_fn
+from training.models.sam_encoder import SamImageEncoder
 from training.models.vit import VisionTransformer
 from training.weights import checkpoint_filter_fn, load_backbone_weights, load_checked
 
@@ -107,8 +115,56 @@ BACKBONES: dict[str, Callable[..., VisionTransformer]] = {
 }
 
 
-def describe(model: VisionTransformer) -> dict[str, Any]:
-    """The architecture fields that decide which weights fit (compared between a checkpoint and a variant)."""
+# SAM `build_sam.py`: ViT-B/L/H image encoders (1024 px, patch 16, window 14, neck to 256 channels).
+_SAM = {"img_size": 1024, "patch_size": 16, "window_size": 14, "out_chans": 256}
+_SAM_SIZES = {
+    "b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
+    "l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
+    "h": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31)},
+}
+
+
+def sam_vitb(**kwargs: Any) -> SamImageEncoder:
+    """SAM ViT-B image encoder (`sam_vit_b_01ec64.pth`, 90M parameters)."""
+    return SamImageEncoder(**{**_SAM, **_SAM_SIZES["b"], **kwargs})
+
+
+def sam_vitl(**kwargs: Any) -> SamImageEncoder:
+    """SAM ViT-L image encoder (`sam_vit_l_0b3195.pth`, 308M parameters)."""
+    return SamImageEncoder(**{**_SAM, **_SAM_SIZES["l"], **kwargs})
+
+
+def sam_vith(**kwargs: Any) -> SamImageEncoder:
+    """SAM ViT-H image encoder (`sam_vit_h_4b8939.pth`, 637M parameters)."""
+    return SamImageEncoder(**{**_SAM, **_SAM_SIZES["h"], **kwargs})
+
+
+def sam_tiny(**kwargs: Any) -> SamImageEncoder:
+    """Tiny SAM encoder for tests and CPU training: width 64, 4 blocks (1 and 3 global), window 4, 128 px, 32 ch."""
+    size = {"img_size": 128, "embed_dim": 64, "depth": 4, "num_heads": 2, "window_size": 4, "out_chans": 32}
+    return SamImageEncoder(**{**_SAM, "global_attn_indexes": (1, 3), **size, **kwargs})
+
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "sam_vitb": sam_vitb,
+    "sam_vitl": sam_vitl,
+    "sam_vith": sam_vith,
+    "sam_tiny": sam_tiny,
+}
+Backbone = VisionTransformer | SamImageEncoder
+# Checkpoint reader and converter per model class (encoders other than the DINOv2-layout ViT).
+_LOADERS: dict[type[nn.Module], tuple[Callable[..., Any], Callable[..., dict[str, torch.Tensor]]]] = {
+    SamImageEncoder: (load_sam_weights, sam_checkpoint_filter_fn),
+}
+
+
+def describe(model: Backbone) -> dict[str, Any]:
+    """The architecture fields that decide which weights fit (compared between a checkpoint and a variant).
+
+    For the encoders in `ENCODERS` these are the complete constructor kwargs of the model (`model.describe()`).
+    """
+    if not isinstance(model, VisionTransformer):
+        return model.describe()
     return {
         "embed_dim": model.embed_dim,
         "depth": len(model.blocks),
@@ -121,9 +177,11 @@ def describe(model: VisionTransformer) -> dict[str, Any]:
     }
 
 
-def _factory(name: str) -> Callable[..., VisionTransformer]:
+def _factory(name: str) -> Callable[..., Any]:
+    if name in ENCODERS:
+        return ENCODERS[name]
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join([*BACKBONES, *ENCODERS])}")
     return BACKBONES[name]
 
 
@@ -143,8 +201,8 @@ def _unrecorded_fields(arch: dict[str, Any], variant: VisionTransformer) -> dict
     return fields
 
 
-def build_backbone(name: str, checkpoint: str | Path | None = None, **overrides: Any) -> VisionTransformer:
-    """Build a registered backbone, optionally loading a DINOv2 checkpoint into it.
+def build_backbone(name: str, checkpoint: str | Path | None = None, **overrides: Any) -> Backbone:
+    """Build a registered backbone or encoder, optionally loading a checkpoint of its family into it.
 
     With a checkpoint, its architecture wins over the name (a warning lists what differs from the named variant):
     a Hugging Face directory's config.json, or the tensor shapes of an original `.pth` (see `_unrecorded_fields` for
@@ -152,13 +210,18 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, **overrides:
     patch embeddings are resampled when an override changes `img_size` or `patch_size`. Weights load with strict=True.
 
     Args:
-        name: registry key, see `BACKBONES`.
-        checkpoint: original DINOv2 / our-layout file, or Hugging Face model directory; None = random init.
-        overrides: VisionTransformer keyword arguments.
+        name: registry key, see `BACKBONES` and `ENCODERS`.
+        checkpoint: original DINOv2 / SAM / CLIP or our-layout file, or Hugging Face model directory; None = random
+            init.
+        overrides: constructor keyword arguments of the named model class.
     """
     factory = _factory(name)
     if checkpoint is None:
         return factory(**overrides)
+    with torch.device("meta"):
+        model_class = type(factory(**overrides))
+    if model_class is not VisionTransformer:
+        return _build_encoder(name, factory, _LOADERS[model_class], checkpoint, overrides)
     loaded = load_backbone_weights(checkpoint)
     arch = dict(loaded.arch)
     with torch.device("meta"):  # shapes only, nothing allocated
@@ -181,4 +244,31 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, **overrides:
         model.interpolate_offset,
         model.interpolate_antialias,
     )
+    return model
+
+
+def _build_encoder(
+    name: str,
+    factory: Callable[..., Any],
+    loader: tuple[Callable[..., Any], Callable[..., dict[str, torch.Tensor]]],
+    checkpoint: str | Path,
+    overrides: dict[str, Any],
+) -> Any:
+    """`build_backbone` for the `ENCODERS`: read with the family's loader; checkpoint arch, then overrides, win."""
+    load_weights, filter_fn = loader
+    loaded = load_weights(checkpoint)
+    arch = dict(loaded.arch)
+    with torch.device("meta"):
+        variant = factory(**overrides)
+        if "num_heads" not in arch and arch.get("embed_dim") != variant.embed_dim:
+            # Not recorded in the file: the named variant's count stands when the width fits, else 64-wide heads.
+            arch["num_heads"] = max(arch["embed_dim"] // 64, 1)
+        named, found = describe(variant), describe(factory(**arch))
+    differences = {key: (named[key], found[key]) for key in named if named[key] != found[key] and key not in overrides}
+    if differences:
+        listed = ", ".join(f"{key} {value} -> {actual}" for key, (value, actual) in differences.items())
+        logger.warning("checkpoint %s differs from %s: %s; using the checkpoint's", checkpoint, name, listed)
+    model = factory(**{**arch, **overrides})
+    load_checked(model, filter_fn(loaded.state_dict, model), loaded.path)
+    logger.info("loaded %s from %s (%s layout)", name, loaded.path, loaded.source)
     return model

@@ -9,6 +9,7 @@ from training.layers.mlp import Mlp, SwiGLUFFN
 from training.layers.patch_embed import PatchEmbed, resample_patch_embed
 from training.layers.pos_embed import resample_pos_embed
 from training.layers.sma import SMA, EfficientMultiScaleAttention
+from training.layers.windowed_attention import RelPosAttention, window_partition, window_unpartition
 
 __all__ = [
     "AdapterLinear",
@@ -19,6 +20,7 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "PatchEmbed",
+    "RelPosAttention",
     "SMA",
     "SwiGLUFFN",
     "TaskLinear",
@@ -26,4 +28,6 @@ __all__ = [
     "is_exportable",
     "resample_patch_embed",
     "resample_pos_embed",
+    "window_partition",
+    "window_unpartition",
 ]
