@@ -47,12 +47,15 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
+        streamed = {"ndjson": False}
         started = time.perf_counter()
         self.metrics.in_flight.inc()
 
         async def send_and_record(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                streamed["ndjson"] = content_type.startswith(b"application/x-ndjson")
             await send(message)
 
         try:
@@ -61,6 +64,8 @@ class MetricsMiddleware:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
+            if streamed["ndjson"]:  # a stream request lasts seconds to hours: keep it out of the per-frame histogram
+                template += ":stream"
             self.metrics.request_duration.labels(template, scope["method"], f"{status['code'] // 100}xx").observe(
                 time.perf_counter() - started
             )

@@ -119,6 +119,9 @@ class StreamsApi:
             raise Forbidden("source_not_allowed", str(err), param="source") from None
         except ValueError as err:
             raise BadInput("bad_source", str(err), param="source") from None
+        for series in (self.metrics.reconnects, self.metrics.frame_age):  # exist at 0 so rate()/increase() see the
+            series.labels(stream_id)  # first reconnect and the first frames
+        self.metrics.stream_up.labels(stream_id).set(0)
         live = InferOptions(options.mask, options.tasks, None, request.include_frame)
         return self._lines(stream_id, request, live)
 
@@ -175,7 +178,7 @@ class StreamsApi:
             if reason in ("failed", "unreachable"):
                 end["error"] = {
                     "code": f"stream_{reason}",
-                    "message": f"{stats.last_error or 'no frames'} after {stats.consecutive_failures} attempts",
+                    "message": f"{stats.last_error or 'no frames'} ({stats.consecutive_failures} failed attempts)",
                     "param": "source",
                 }
             yield _line(end)

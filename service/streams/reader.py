@@ -259,7 +259,7 @@ class StreamReader:
                 self._fps_dt = dt if self._fps_dt is None else self._fps_dt + _FPS_ALPHA * (dt - self._fps_dt)
         frame = CapturedFrame(np.ascontiguousarray(image), index, wall, pts)
         if self.frames.put(frame):
-            self._notify("on_drop", "overwritten")
+            self._notify("on_drop", "stale")  # the metrics' reason: replaced by a newer frame
         self._set_state("streaming")
         self._notify("on_frame")
         return now
