@@ -6,9 +6,10 @@ LayerScale starts at 1e-5 (the DINOv2 training value; checkpoints overwrite it).
 CPU training. Pattern: SAM `build_sam.py` (`sam_model_registry`), timm `_builder.py` (`load_pretrained`).
 
 `ENCODERS` lists the encoders with their own forward contracts (teachers and SAM-based families): the SAM image
-encoder (`training.models.sam_encoder`, `forward_features(x)["image_embeddings"]`; sizes of SAM `build_sam.py`) and,
-where registered, the CLIP vision tower. `build_backbone` and `describe` serve both dicts; each family has its own
-checkpoint loader (`training.convert_sam`, `training.convert_clip`).
+encoder (`training.models.sam_encoder`, `forward_features(x)["image_embeddings"]`; sizes of SAM `build_sam.py`) and
+the CLIP vision tower (`training.models.clip`, `x_norm_clstoken` = pooled output, `x_norm_patchtokens` = last hidden
+patch tokens; sizes of OpenAI `clip/model.py`). `build_backbone` and `describe` serve both dicts; each family has its
+own checkpoint loader (`training.convert_sam`, `training.convert_clip`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.convert_clip import clip_checkpoint_filter_fn, load_clip_weights
 from training.convert_sam import load_sam_weights, sam_checkpoint_filter_fn
+from training.models.clip import CLIPVisionTransformer
 from training.models.sam_encoder import SamImageEncoder
 from training.models.vit import VisionTransformer
 from training.weights import checkpoint_filter_fn, load_backbone_weights, load_checked
@@ -145,16 +148,55 @@ def sam_tiny(**kwargs: Any) -> SamImageEncoder:
     return SamImageEncoder(**{**_SAM, "global_attn_indexes": (1, 3), **size, **kwargs})
 
 
+# OpenAI `clip/model.py` vision towers (224 px unless named; heads = width // 64; QuickGELU, LayerNorm eps 1e-5).
+_CLIP_SIZES = {
+    "b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "output_dim": 512},
+    "l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "output_dim": 768},
+}
+
+
+def clip_vitb32(**kwargs: Any) -> CLIPVisionTransformer:
+    """CLIP ViT-B/32 vision tower (OpenAI `ViT-B-32.pt`, 88M parameters with the projection)."""
+    return CLIPVisionTransformer(**{"img_size": 224, "patch_size": 32, **_CLIP_SIZES["b"], **kwargs})
+
+
+def clip_vitb16(**kwargs: Any) -> CLIPVisionTransformer:
+    """CLIP ViT-B/16 vision tower (OpenAI `ViT-B-16.pt`, 86M parameters with the projection)."""
+    return CLIPVisionTransformer(**{"img_size": 224, "patch_size": 16, **_CLIP_SIZES["b"], **kwargs})
+
+
+def clip_vitl14(**kwargs: Any) -> CLIPVisionTransformer:
+    """CLIP ViT-L/14 vision tower (OpenAI `ViT-L-14.pt`, 304M parameters with the projection)."""
+    return CLIPVisionTransformer(**{"img_size": 224, "patch_size": 14, **_CLIP_SIZES["l"], **kwargs})
+
+
+def clip_vitl14_336(**kwargs: Any) -> CLIPVisionTransformer:
+    """CLIP ViT-L/14 at 336 px (OpenAI `ViT-L-14-336px.pt`)."""
+    return CLIPVisionTransformer(**{"img_size": 336, "patch_size": 14, **_CLIP_SIZES["l"], **kwargs})
+
+
+def clip_tiny(**kwargs: Any) -> CLIPVisionTransformer:
+    """Tiny CLIP tower for tests and CPU training: patch 8, width 64, 2 blocks, 2 heads, 64 px, projection 32."""
+    size = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "output_dim": 32}
+    return CLIPVisionTransformer(**{**size, **kwargs})
+
+
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "sam_vitb": sam_vitb,
     "sam_vitl": sam_vitl,
     "sam_vith": sam_vith,
     "sam_tiny": sam_tiny,
+    "clip_vitb32": clip_vitb32,
+    "clip_vitb16": clip_vitb16,
+    "clip_vitl14": clip_vitl14,
+    "clip_vitl14_336": clip_vitl14_336,
+    "clip_tiny": clip_tiny,
 }
-Backbone = VisionTransformer | SamImageEncoder
+Backbone = VisionTransformer | SamImageEncoder | CLIPVisionTransformer
 # Checkpoint reader and converter per model class (encoders other than the DINOv2-layout ViT).
 _LOADERS: dict[type[nn.Module], tuple[Callable[..., Any], Callable[..., dict[str, torch.Tensor]]]] = {
     SamImageEncoder: (load_sam_weights, sam_checkpoint_filter_fn),
+    CLIPVisionTransformer: (load_clip_weights, clip_checkpoint_filter_fn),
 }
 
 
