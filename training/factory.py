@@ -150,9 +150,10 @@ def resolved_backbone_overrides(backbone: nn.Module) -> dict[str, Any]:
     config.json or inferred from shapes); saved checkpoints record it so they load without the source file.
     """
     arch = describe(backbone)
-    arch["interpolate_offset"] = backbone.interpolate_offset
-    arch["interpolate_antialias"] = backbone.interpolate_antialias
-    arch["layer_norm_eps"] = backbone.norm.eps
+    if hasattr(backbone, "interpolate_offset"):  # DINOv2 ViTs; CLIP/SAM encoders describe themselves fully
+        arch["interpolate_offset"] = backbone.interpolate_offset
+        arch["interpolate_antialias"] = backbone.interpolate_antialias
+        arch["layer_norm_eps"] = backbone.norm.eps
     return arch
 
 
