@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.adapters import merge_and_unload
+from training.adapters import iter_adapter_layers, merge_and_unload
 from training.config import ExperimentConfig, from_dict
 from training.factory import build_model
 from training.models.endoarss import EndoARSS
@@ -44,7 +44,11 @@ def merged_copy(model: EndoARSS) -> EndoARSS:
     """A copy of `model` whose backbone holds per-task merged weights and no adapter factors.
 
     Does not work in place: the training model keeps its adapters.
+    A model without adapter layers (a family whose adaptation lives outside the backbone) is its own merged form
+    and is returned as it is.
     """
+    if next(iter_adapter_layers(model), None) is None:
+        return model
     merged = copy.copy(model)  # shallow: share heads/SMA modules; only the backbone is replaced
     merged._modules = dict(model._modules)
     tasks = model.tasks if model.per_task_streams else model.tasks[0]

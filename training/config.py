@@ -56,6 +56,28 @@ class HeadsConfig:
 
 
 @dataclass
+class BDTASection:
+    """BDTA + MoTE bypass branch (family `bdta`, shared/papers/bdta-mote.md); ignored by the other families."""
+
+    stages: int = field(default=4, metadata={"help": "BDTA stages, tapped at evenly spaced backbone blocks"})
+    blocks: tuple[int, ...] | None = field(default=None, metadata={"help": "explicit block indices (overrides stages)"})
+    reduction: int = field(default=4, metadata={"help": "r: the bypass works at width C / r"})
+    num_heads: int = field(default=4, metadata={"help": "cross-attention heads at width C / r"})
+    ffn_ratio: float = field(default=2.0, metadata={"help": "FFN hidden width after each cross-attention, x C / r"})
+    bottleneck_ratio: float = field(default=0.25, metadata={"help": "per-task G2T/T2G bottleneck width, x C / r"})
+    mote_dim: int | None = field(default=None, metadata={"help": "MoTE / head input width (None = C / r)"})
+    router_ratio: float = field(default=0.25, metadata={"help": "task-router MLP hidden width, x C"})
+    noisy_gating: bool = field(default=True, metadata={"help": "router noise in training (never at inference)"})
+
+    def __post_init__(self) -> None:
+        if self.reduction < 1 or self.num_heads < 1 or (self.blocks is None and self.stages < 1):
+            raise ValueError(
+                f"model.bdta needs reduction, num_heads and stages >= 1, got reduction={self.reduction} "
+                f"num_heads={self.num_heads} stages={self.stages}"
+            )
+
+
+@dataclass
 class ModelConfig:
     family: Literal["endoarss", "sak", "msam", "bdta"] = field(
         default="endoarss", metadata={"help": "model family; training.factory.FAMILIES maps it to its builder"}
@@ -65,6 +87,7 @@ class ModelConfig:
     sma: SMAConfig = field(default_factory=SMAConfig)
     adapters: AdapterSection = field(default_factory=AdapterSection)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    bdta: BDTASection = field(default_factory=BDTASection)
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

@@ -46,6 +46,7 @@ def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig
 # extra code (teachers, SAM decoders) loads only when that family is built.
 FAMILIES: dict[str, str] = {
     "endoarss": "training.factory:build_endoarss",
+    "bdta": "training.build_bdta:build",
 }
 
 

@@ -1,0 +1,265 @@
+"""Build the BDTA + MoTE family (`model.family: bdta`) from a typed config, and measure its training cost.
+
+`build` is registered in `training.factory.FAMILIES`. `bench_bdta_memory` is the paper's efficiency claim (section
+3.4, Table 2: ~30 % of the parameters, ~50 % of the memory, ~60 % of the training time of LoRA-style multi-task
+PEFT) as a measurement on our backbones: the same frozen ViT, batch and heads, once with the BDTA bypass and once
+with EndoARSS's shared LoRA + TESLA adapters inside the backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from training.backbones import build_backbone
+from training.config import ModelConfig, load_config
+from training.layers.bdta import BDTA
+from training.layers.mote import MoTE
+from training.models.bdta import BDTAMoTE, evenly_spaced_blocks
+from training.models.heads import ActivityHead, SegmentationHead, aspp_rates_for_grid
+
+logger = logging.getLogger(__name__)
+
+
+def build(
+    cfg: ModelConfig,
+    tasks: Sequence[dict[str, Any]],
+    *,
+    load_backbone_weights: bool = True,
+    merged: bool = False,
+) -> BDTAMoTE:
+    """BDTA + MoTE (paper): frozen ViT + BDTA bypass at `cfg.bdta` stages + MoTE + ASPP / activity heads.
+
+    Args:
+        cfg: model section; `cfg.bdta` sets the bypass branch, `cfg.heads` the heads.
+        tasks: dicts with `name`, `kind` and `classes` (labels.json).
+        load_backbone_weights: read the backbone checkpoint named by the config (False when a full checkpoint follows).
+        merged: accepted for the `FAMILIES` signature; this family has no adapter factors to fold, so its merged
+            and unmerged checkpoints hold the same architecture.
+    """
+    del merged  # same architecture either way
+    if not cfg.backbone.freeze:
+        raise ValueError(
+            "model.family bdta keeps the backbone frozen (the main branch runs without gradients); "
+            "set model.backbone.freeze=true"
+        )
+    if cfg.sma.enabled or cfg.adapters.shared_rank or cfg.adapters.task_rank:
+        raise ValueError(
+            "model.family bdta has no SMA and no backbone adapters (its adaptation is the bypass branch): set "
+            "model.sma.enabled=false model.adapters.shared_rank=0 model.adapters.task_rank=0"
+        )
+    section = cfg.bdta
+    checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
+    backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
+    height, width = cfg.image_size
+    patch = backbone.patch_size
+    if height % patch or width % patch:
+        raise ValueError(
+            f"model.image_size {cfg.image_size} must be a multiple of the patch size {patch}: "
+            f"try [{height // patch * patch}, {width // patch * patch}]"
+        )
+    blocks = (
+        tuple(section.blocks)
+        if section.blocks is not None
+        else evenly_spaced_blocks(len(backbone.blocks), section.stages)
+    )
+    names = [t["name"] for t in tasks]
+    dim = backbone.embed_dim
+    if dim % section.reduction:
+        raise ValueError(f"model.bdta.reduction {section.reduction} must divide the backbone width {dim}")
+    stages = nn.ModuleList(
+        BDTA(
+            dim,
+            names,
+            reduction=section.reduction,
+            num_heads=section.num_heads,
+            ffn_ratio=section.ffn_ratio,
+            bottleneck_ratio=section.bottleneck_ratio,
+        )
+        for _ in blocks
+    )
+    mote_dim = section.mote_dim or dim // section.reduction
+    mote = MoTE(
+        [dim] * len(blocks),
+        mote_dim,
+        names,
+        router_hidden_dim=max(1, round(dim * section.router_ratio)),
+        noisy_gating=section.noisy_gating,
+    )
+    grid = (height // patch, width // patch)
+    heads = nn.ModuleDict()
+    for task in tasks:
+        classes = len(task["classes"])
+        if task["kind"] == "segmentation":
+            heads[task["name"]] = SegmentationHead(
+                mote_dim,
+                classes,
+                channels=cfg.heads.segmentation_channels,
+                rates=aspp_rates_for_grid(grid),
+                dropout=cfg.heads.dropout,
+            )
+        else:
+            heads[task["name"]] = ActivityHead(
+                mote_dim, classes, channels=cfg.heads.activity_channels, pool=cfg.heads.activity_pool
+            )
+    return BDTAMoTE(
+        backbone=backbone,
+        stages=stages,
+        mote=mote,
+        heads=heads,
+        task_kinds={t["name"]: t["kind"] for t in tasks},
+        blocks=blocks,
+        pixel_mean=tuple(cfg.pixel_mean),
+        pixel_std=tuple(cfg.pixel_std),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- measurement
+
+
+def _saved_activation_bytes(model: nn.Module, run: Any) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while `run()` executes, weights excluded.
+
+    This is the activation memory the paper's section 3.4 is about (a CPU stand-in for the peak GPU memory of a
+    training step, whose other parts — weights, gradients, optimiser state — are counted by the parameter figures).
+    """
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(seen.values())
+
+
+def _measure(
+    model: nn.Module, batch: dict[str, Tensor], *, steps: int, warmup: int, device: torch.device
+) -> dict[str, Any]:
+    from training.trainer import task_losses  # the trainer imports the factory, which lazily imports this module
+
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        losses = task_losses(model, model(batch["image"]), batch)
+        optimizer.zero_grad(set_to_none=True)
+        torch.stack(list(losses.values())).sum().backward()
+        optimizer.step()
+
+    saved = _saved_activation_bytes(model, lambda: task_losses(model, model(batch["image"]), batch))
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    total = sum(p.numel() for p in model.parameters())
+    result: dict[str, Any] = {
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": total,
+        "step_seconds": statistics.median(times),
+        "step_seconds_all": [round(t, 4) for t in times],
+        "saved_activation_mib": saved / 2**20,
+    }
+    if device.type == "cuda":
+        result["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def bench_bdta_memory(
+    *,
+    bdta_config: str = "bdta_vits14",
+    lora_config: str = "endoarss_vits14",
+    overrides: Sequence[str] = (),
+    batch_size: int = 8,
+    steps: int = 3,
+    warmup: int = 1,
+    lora_sma: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Training cost of BDTA + MoTE against EndoARSS's LoRA + TESLA on the same frozen backbone, batch and heads.
+
+    Both models are built with random weights (nothing is read from disk); `overrides` (`key=value`, as on the
+    command line) apply to both, and the LoRA model takes the BDTA config's backbone, image size and heads so only
+    the adaptation differs. Each model runs `warmup` + `steps` AdamW steps on one random uint8 batch (equal-weight
+    cross-entropy, the trainer's `task_losses`).
+
+    Args:
+        bdta_config: config name or path of the BDTA model.
+        lora_config: config name or path of the LoRA model (family endoarss).
+        overrides: `key=value` overrides for both configs (e.g. `model.image_size=[112, 112]`).
+        batch_size: images per step.
+        steps: timed steps (the median is reported).
+        warmup: untimed steps before them.
+        lora_sma: keep EndoARSS's SMA in the LoRA model (False compares the adapter topologies alone).
+        device: "cpu" or a CUDA device (adds peak allocated memory).
+        seed: seed of the weights and the batch.
+
+    Returns:
+        {"setup": ..., "bdta": figures, "lora": figures, "ratio": bdta / lora for each figure}; figures are
+        trainable_params, total_params, step_seconds (median), saved_activation_mib (tensors kept for backward,
+        weights excluded) and, on CUDA, peak_memory_mib.
+    """
+    from training.data.writer import synth_labels
+    from training.factory import build_model
+
+    bdta_cfg = load_config(bdta_config, list(overrides)).model
+    lora_cfg = load_config(lora_config, list(overrides)).model
+    if bdta_cfg.family != "bdta" or lora_cfg.family != "endoarss":
+        raise ValueError(f"compare a bdta config with an endoarss one, got {bdta_cfg.family} and {lora_cfg.family}")
+    lora_cfg.backbone = copy.deepcopy(bdta_cfg.backbone)  # frozen, as the bdta builder requires
+    lora_cfg.image_size, lora_cfg.heads = bdta_cfg.image_size, copy.deepcopy(bdta_cfg.heads)
+    lora_cfg.sma.enabled = lora_sma
+    tasks = synth_labels({}).to_dict()["tasks"]
+    target = torch.device(device)
+    height, width = bdta_cfg.image_size
+    generator = torch.Generator().manual_seed(seed)
+    batch = {
+        "image": torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator),
+        "activity": torch.randint(0, 2, (batch_size,), generator=generator),
+        "mask": torch.randint(0, 2, (batch_size, height, width), generator=generator),
+    }
+    batch = {k: v.to(target) for k, v in batch.items()}
+    figures = {}
+    for name, cfg in (("bdta", bdta_cfg), ("lora", lora_cfg)):
+        torch.manual_seed(seed)
+        model = build_model(cfg, tasks, load_backbone_weights=False)
+        figures[name] = _measure(model, batch, steps=steps, warmup=warmup, device=target)
+        logger.info("bench %s: %s", name, {k: v for k, v in figures[name].items() if k != "step_seconds_all"})
+        del model
+    numeric = [k for k, v in figures["bdta"].items() if isinstance(v, int | float) and k in figures["lora"]]
+    return {
+        "setup": {
+            "backbone": bdta_cfg.backbone.name,
+            "backbone_overrides": dict(bdta_cfg.backbone.overrides),
+            "image_size": list(bdta_cfg.image_size),
+            "batch_size": batch_size,
+            "steps": steps,
+            "device": str(target),
+            "threads": torch.get_num_threads(),
+            "lora": {"shared_rank": lora_cfg.adapters.shared_rank, "task_rank": lora_cfg.adapters.task_rank},
+            "lora_sma": lora_sma,
+        },
+        **figures,
+        "ratio": {k: figures["bdta"][k] / figures["lora"][k] for k in numeric if figures["lora"][k]},
+    }
