@@ -27,9 +27,9 @@ TASK_KINDS = ("classification", "segmentation")
 
 
 def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig | None:
-    """The backbone's adapter config, or None when neither shared LoRA nor TESLA is enabled."""
+    """The backbone's adapter config, or None when `kind` is lora_tesla and neither shared LoRA nor TESLA is enabled."""
     section = cfg.adapters
-    if section.shared_rank == 0 and section.task_rank == 0:
+    if section.kind == "lora_tesla" and section.shared_rank == 0 and section.task_rank == 0:
         return None
     return AdapterConfig(
         tasks=tuple(task_names),
@@ -39,6 +39,11 @@ def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig
         dropout=section.dropout,
         targets=tuple(section.targets),
         layers=tuple(section.layers) if section.layers is not None else None,
+        kind=section.kind,
+        ta_lora_ranks=tuple(section.ta_lora_ranks),
+        ta_lora_scaling=section.ta_lora_scaling,
+        orth_weight=section.orth_weight,
+        tune_layernorm=section.tune_layernorm,
     )
 
 
@@ -46,6 +51,7 @@ def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig
 # extra code (teachers, SAM decoders) loads only when that family is built.
 FAMILIES: dict[str, str] = {
     "endoarss": "training.factory:build_endoarss",
+    "sak": "training.build_sak:build",
     "bdta": "training.build_bdta:build",
 }
 
@@ -97,7 +103,7 @@ def build_endoarss(
         )
     names = [t["name"] for t in tasks]
     adapters = adapter_config(cfg, names)
-    per_task_streams = adapters is not None and adapters.task_rank > 0 and len(names) > 1
+    per_task_streams = adapters is not None and adapters.per_task and len(names) > 1
     if adapters is not None:
         if not merged:
             apply_adapters(backbone, adapters)
