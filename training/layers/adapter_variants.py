@@ -1,6 +1,6 @@
 """Adapter variants: how one kind of low-rank adapter is created and applied inside `AdapterLinear`.
 
-Two variants, picked by rank (a strategy object each, after peft's `LoraVariant` / `lora/variants.py` idea, so the
+Variants, picked by rank (a strategy object each, after peft's `LoraVariant` / `lora/variants.py` idea, so the
 layer itself holds no `if` per adapter kind):
 
 - `SharedLoraVariant`: one LoRA pair (B A) used by every task stream, eq. 2-3 of EndoARSS (Huang et al., 2025,
@@ -10,16 +10,18 @@ layer itself holds no `if` per adapter kind):
   stacked per-task factors (the grouped computation of eq. 6) instead of a Python loop of per-task forwards. Each
   task's factors only see its own rows of the batch, so gradients are separated by task id by construction
   ("explicit gradient separation").
+- `TaskAwareLoraVariant` (in `ta_lora.py`): TA-LoRA, one Tucker-factored update tensor shared by all tasks whose slice
+  t is task t's update (shared/papers/ta-lora-sam.md §3.2); per task like TESLA, merged the same way.
 
-Factor layout (both variants): an adapter on S output row slices of size o (e.g. q and v of a fused qkv: S=2, o=D)
-keeps A as (S*r, in) so that one matmul projects the input for every slice, and B as (S, o, r), applied per slice
+Factor layout (both LoRA variants): an adapter on S output row slices of size o (e.g. q and v of a fused qkv: S=2,
+o=D) keeps A as (S*r, in) so that one matmul projects the input for every slice, and B as (S, o, r), applied per slice
 with one einsum. Merging and unmerging are generic in the layer (W + delta), since they only need `delta`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,15 @@ class AdapterVariant:
     per_task: ClassVar[bool] = False
 
     @classmethod
-    def init(cls, layer: AdapterLinear, tasks: Sequence[str], rank: int, alpha: float) -> None:
-        """Register this variant's factors on `layer` (A kaiming-uniform, B zeros: the adapter starts as a no-op)."""
+    def init(cls, layer: AdapterLinear, tasks: Sequence[str], rank: Any, alpha: float) -> None:
+        """Register this variant's factors on `layer` (A kaiming-uniform, B zeros: the adapter starts as a no-op).
+
+        Args:
+            layer: the adapter layer to register on.
+            tasks: the layer's tasks.
+            rank: the variant's size: an int rank for LoRA / TESLA, (R1, R2, R3) for TA-LoRA.
+            alpha: scaling numerator (LoRA / TESLA add alpha / rank * B A; TA-LoRA uses it as its scaling).
+        """
         for name in cls.adapter_names(tasks):
             layer.add_adapter(name, rank=rank, alpha=alpha)
 

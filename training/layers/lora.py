@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.layers.adapter_variants import AdapterVariant, SharedLoraVariant, TeslaVariant
+from training.layers.ta_lora import TaskAwareLoraVariant
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ class _TaskStreamLayer(nn.Module):
 
 
 class AdapterLinear(_TaskStreamLayer):
-    """A frozen `nn.Linear` plus a shared LoRA and per-task TESLA adapters on some of its output rows."""
+    """A frozen `nn.Linear` plus a shared LoRA and per-task TESLA adapters (or TA-LoRA) on some of its output rows."""
 
-    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", *TaskAwareLoraVariant.factor_names)
 
     def __init__(
         self,
@@ -111,6 +112,8 @@ class AdapterLinear(_TaskStreamLayer):
         alpha: float = 4.0,
         dropout: float = 0.0,
         row_slices: Sequence[tuple[int, int]] | None = None,
+        ta_lora_ranks: tuple[int, int, int] | None = None,
+        ta_lora_scaling: float = 0.5,
     ) -> None:
         """
         Args:
@@ -122,13 +125,16 @@ class AdapterLinear(_TaskStreamLayer):
             dropout: dropout on the adapter input (one mask shared by the shared and task adapters).
             row_slices: equal-size [start, stop) output row ranges to adapt, each with its own factors (q and v of
                 a fused qkv: [(0, D), (2D, 3D)]); None = all rows.
+            ta_lora_ranks: (R1, R2, R3) of a TA-LoRA update tensor over all tasks (`ta_lora.py`); None = none.
+            ta_lora_scaling: TA-LoRA's scaling s (task t adds s * its slice of the update tensor).
         """
         super().__init__(tasks)
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"AdapterLinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        if shared_rank < 0 or task_rank < 0 or shared_rank + task_rank == 0:
+        if shared_rank < 0 or task_rank < 0 or (shared_rank + task_rank == 0 and ta_lora_ranks is None):
             raise ValueError(
-                f"shared_rank={shared_rank}, task_rank={task_rank}: ranks must be >= 0 and at least one positive"
+                f"shared_rank={shared_rank}, task_rank={task_rank}, ta_lora_ranks={ta_lora_ranks}: ranks must be "
+                f">= 0 and some adapter must be present"
             )
         if alpha <= 0:
             raise ValueError(f"alpha={alpha} must be positive")
@@ -142,15 +148,19 @@ class AdapterLinear(_TaskStreamLayer):
         self.register_buffer("row_index", None if full else rows.to(base_layer.weight.device), persistent=False)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.r: dict[str, int] = {}
+        self.r: dict[str, int | tuple[int, ...]] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # The adapter kinds present are data (variant, rank); the forward and delta code just iterate over them.
-        kinds: list[tuple[type[AdapterVariant], int]] = [(SharedLoraVariant, shared_rank), (TeslaVariant, task_rank)]
-        used = [(variant, rank) for variant, rank in kinds if rank > 0]
-        self.variants: tuple[type[AdapterVariant], ...] = tuple(variant for variant, _ in used)
-        for variant, rank in used:
-            variant.init(self, self.tasks, rank, alpha)
+        # The adapter kinds present are data (variant, size, scaling); the forward and delta code iterate over them.
+        kinds: list[tuple[type[AdapterVariant], int | tuple[int, int, int] | None, float]] = [
+            (SharedLoraVariant, shared_rank, alpha),
+            (TeslaVariant, task_rank, alpha),
+            (TaskAwareLoraVariant, ta_lora_ranks, ta_lora_scaling),
+        ]
+        used = [(variant, size, scale) for variant, size, scale in kinds if size]
+        self.variants: tuple[type[AdapterVariant], ...] = tuple(variant for variant, _, _ in used)
+        for variant, size, scale in used:
+            variant.init(self, self.tasks, size, scale)
         self.register_buffer("merged_weight", None, persistent=False)  # T out in, rows follow merged_adapters
         self.merged_adapters: list[str] = []
 
@@ -222,7 +232,8 @@ class AdapterLinear(_TaskStreamLayer):
             if safe and not torch.isfinite(weight).all():
                 raise ValueError(
                     f"NaN or inf in the merged weight of task {task!r}: its adapter diverged; nothing was merged. "
-                    f"Inspect lora_A/lora_B[{task!r}] and 'shared' or load an earlier checkpoint"
+                    f"Inspect its factors (lora_A/lora_B[{task!r}] and 'shared', or ta_lora_*) or load an earlier "
+                    f"checkpoint"
                 )
             merged.append(weight)
         return torch.stack(merged)
@@ -263,13 +274,19 @@ class AdapterLinear(_TaskStreamLayer):
         if self.merged_adapters:
             return self._forward_merged(x, tasks)
         out = self.base_layer(x)  # (T B) N out
-        lora_a = next(iter(self.lora_A.values()))
-        adapter_in = self.lora_dropout(x).reshape(-1, self.in_features).to(lora_a.dtype)  # M in
+        adapter_in = self.lora_dropout(x).reshape(-1, self.in_features).to(self._factor_dtype())  # M in
         delta = sum(variant.forward(self, adapter_in, tasks) for variant in self.variants)  # M S o
         delta = delta.reshape(*out.shape[:-1], -1).to(out.dtype)  # (T B) N (S o)
         if self.row_index is None:
             return out + delta
         return add_to_rows(out, delta, self.row_slices)
+
+    def _factor_dtype(self) -> torch.dtype:
+        """dtype of the adapter factors (the adapter input is cast to it)."""
+        for name, param in self.named_parameters():
+            if name.split(".")[0] in self.adapter_layer_names:
+                return param.dtype
+        return self.base_layer.weight.dtype
 
     def _forward_merged(self, x: Tensor, tasks: Sequence[str]) -> Tensor:
         if not self.per_task:  # shared LoRA only: every merged task holds the same weight
