@@ -1,9 +1,15 @@
-"""Put shared LoRA + TESLA adapters into a ViT backbone, freeze the rest, and fold them into per-task weights.
+"""Put shared LoRA + TESLA adapters (or TA-LoRA) into a ViT backbone, freeze the rest, fold them into per-task weights.
 
 EndoARSS (shared/papers/endoarss.md III-C, III-D; shared/MODEL_NOTES.md §1): LoRA on q and v shared by all tasks,
 TESLA per-task low-rank adapters, every task with its own token stream through the backbone, all streams in one
 batched pass stacked task-major, (T*B, N, D). The backbone is expected to follow the DINOv2 layout
 `blocks[i].attn.qkv` (fused, rows q then k then v), `blocks[i].attn.proj`, `blocks[i].mlp.fc1`, `blocks[i].mlp.fc2`.
+
+`kind="ta_lora"` puts TA-LoRA (shared/papers/ta-lora-sam.md; MODEL_NOTES §3; `training.layers.ta_lora`) on the same
+targets instead: one Tucker-factored update tensor per layer whose slice t is task t's update, the same per-task
+streams and merged form, an orthogonal regulariser (`adapter_regularization`, weight `orth_weight`, added once per
+step by the trainer) and optionally trainable LayerNorms (`tune_layernorm`). `apply_adapters` records its config on
+the model (`model.adapter_config`, as peft keeps `peft_config`), which is where those two are read from.
 
 Freezing and the adapter-only state-dict filter are built from `AdapterLinear.adapter_layer_names`
 (litgpt `lora.py`: `mark_only_lora_as_trainable`, `lora_filter`); unloading follows peft
@@ -17,13 +23,14 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from training.layers.adapter_variants import SHARED_ADAPTER
 from training.layers.lora import AdapterLinear, TaskLinear, select_tasks
+from training.layers.ta_lora import TA_LORA_ADAPTER, check_ranks, orthogonal_regularization, uses_ta_lora
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ TARGETS: dict[str, tuple[str, int | None]] = {
     "fc2": ("mlp.fc2", None),
 }
 _QKV_PARTS = 3
+AdapterKind = Literal["lora_tesla", "ta_lora"]
+ADAPTER_CONFIG_ATTR = "adapter_config"  # where apply_adapters records its config on the model
 
 
 @dataclass
@@ -52,23 +61,53 @@ class AdapterConfig:
         default=("qkv.q", "qkv.v"), metadata={"help": f"layers to adapt in each block, from {sorted(TARGETS)}"}
     )
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "block indices to adapt (None = all)"})
+    kind: AdapterKind = field(
+        default="lora_tesla",
+        metadata={
+            "help": "lora_tesla: shared LoRA + TESLA (EndoARSS); ta_lora: TA-LoRA, one Tucker-factored update tensor "
+            "for all tasks (shared_rank / task_rank are then 0)"
+        },
+    )
+    ta_lora_ranks: tuple[int, int, int] = field(
+        default=(32, 32, 4), metadata={"help": "TA-LoRA core ranks (R1 input, R2 output, R3 task mode)"}
+    )
+    ta_lora_scaling: float = field(default=0.5, metadata={"help": "TA-LoRA: task t adds scaling * its update"})
+    orth_weight: float = field(
+        default=1.0, metadata={"help": "lambda of TA-LoRA's orthogonal regulariser, once per step (0 = off)"}
+    )
+    tune_layernorm: bool = field(
+        default=False, metadata={"help": "also train the LayerNorm scales and biases of the adapted model"}
+    )
 
     def __post_init__(self) -> None:
         self.tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         self.layers = None if self.layers is None else tuple(self.layers)
-        bad_tasks = [t for t in self.tasks if not isinstance(t, str) or not t or "." in t or t == SHARED_ADAPTER]
+        reserved = (SHARED_ADAPTER, TA_LORA_ADAPTER)
+        bad_tasks = [t for t in self.tasks if not isinstance(t, str) or not t or "." in t or t in reserved]
         if not self.tasks or bad_tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(
                 f"tasks={list(self.tasks)}: need at least one task, unique non-empty names without '.', "
-                f"and none called {SHARED_ADAPTER!r} (reserved for the shared LoRA)"
+                f"and none called {SHARED_ADAPTER!r} or {TA_LORA_ADAPTER!r} (reserved adapter names)"
             )
+        if self.kind not in get_args(AdapterKind):
+            raise ValueError(f"kind={self.kind!r} is not an adapter kind; choose one of {list(get_args(AdapterKind))}")
+        self.ta_lora_ranks = check_ranks(self.ta_lora_ranks)
+        if not self.ta_lora_scaling > 0:
+            raise ValueError(f"ta_lora_scaling={self.ta_lora_scaling!r} must be positive (the paper uses 0.5)")
+        if not 0 <= self.orth_weight < float("inf"):
+            raise ValueError(f"orth_weight={self.orth_weight!r} must be a finite number >= 0 (the paper uses 1)")
+        if not isinstance(self.tune_layernorm, bool):
+            raise ValueError(f"tune_layernorm={self.tune_layernorm!r} must be true or false")
+        if self.kind == "ta_lora":
+            # TA-LoRA replaces both LoRA kinds; their ranks are recorded as 0 so saved configs say what was built.
+            self.shared_rank, self.task_rank = 0, 0
         for name in ("shared_rank", "task_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an integer >= 0")
-        if self.shared_rank == 0 and self.task_rank == 0:
-            raise ValueError("shared_rank=0 and task_rank=0: nothing to adapt; set one of them > 0")
+        if self.kind == "lora_tesla" and self.shared_rank == 0 and self.task_rank == 0:
+            raise ValueError("shared_rank=0 and task_rank=0: nothing to adapt; set one of them > 0 (or kind=ta_lora)")
         if not self.alpha > 0:
             raise ValueError(f"alpha={self.alpha!r} must be positive")
         if not 0.0 <= self.dropout < 1.0:
@@ -80,6 +119,11 @@ class AdapterConfig:
             bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
             if not self.layers or bad or len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"layers={list(self.layers)}: need unique block indices >= 0, or None for all blocks")
+
+    @property
+    def per_task(self) -> bool:
+        """True when tasks get their own weights, i.e. every task needs its own token stream."""
+        return self.kind == "ta_lora" or self.task_rank > 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists)."""
@@ -103,7 +147,7 @@ def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]
 
 
 def apply_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Wrap the targeted Linears under `model.blocks[i]` in AdapterLinear, in place.
+    """Wrap the targeted Linears under `model.blocks[i]` in AdapterLinear, in place, and record `config` on `model`.
 
     Returns:
         The module paths adapted, e.g. ["blocks.0.attn.qkv", ...].
@@ -123,18 +167,48 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
             alpha=config.alpha,
             dropout=config.dropout,
             row_slices=row_slices,
+            ta_lora_ranks=config.ta_lora_ranks if config.kind == "ta_lora" else None,
+            ta_lora_scaling=config.ta_lora_scaling,
         )
         _replace_module(model, path, layer)
         paths.append(path)
+    setattr(model, ADAPTER_CONFIG_ATTR, config)
+    sizes = (
+        f"TA-LoRA ranks {config.ta_lora_ranks}"
+        if config.kind == "ta_lora"
+        else f"shared rank {config.shared_rank}, task rank {config.task_rank}"
+    )
     logger.info(
-        "adapters on %d layers (shared rank %d, task rank %d, tasks %s): %d parameters",
+        "adapters on %d layers (%s, tasks %s): %d parameters",
         len(paths),
-        config.shared_rank,
-        config.task_rank,
+        sizes,
         list(config.tasks),
         count_adapter_parameters(model),
     )
     return paths
+
+
+def recorded_configs(model: nn.Module) -> Iterator[tuple[nn.Module, AdapterConfig]]:
+    """(module, config) for every module of `model` that `apply_adapters` adapted."""
+    for module in model.modules():
+        config = module.__dict__.get(ADAPTER_CONFIG_ATTR)
+        if isinstance(config, AdapterConfig):
+            yield module, config
+
+
+def adapter_regularization(model: nn.Module) -> Tensor:
+    """The adapters' regulariser to add to the loss once per step: lambda * TA-LoRA's orthogonal term (eq. 6).
+
+    Summed over the modules `apply_adapters` adapted with `kind="ta_lora"` and `orth_weight` > 0 (the mean over their
+    TA-LoRA layers times their `orth_weight`). A zero tensor without gradient when there is none (LoRA/TESLA models,
+    merged models), so callers can test `.requires_grad` before calling `backward`.
+    """
+    terms = []
+    for module, config in recorded_configs(model):
+        layers = [layer for _, layer in iter_adapter_layers(module) if uses_ta_lora(layer)]
+        if config.kind == "ta_lora" and config.orth_weight > 0 and layers:
+            terms.append(config.orth_weight * orthogonal_regularization(layers))
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def is_adapter_key(name: str) -> bool:
@@ -143,9 +217,23 @@ def is_adapter_key(name: str) -> bool:
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of `model` except the adapter factors."""
+    """Freeze every parameter of `model` except the adapter factors (and LayerNorms where `tune_layernorm`).
+
+    LayerNorm tuning (TA-LoRA / mSAM, after FullLoRA-AT) is read from the config `apply_adapters` recorded: every
+    LayerNorm inside a module adapted with `tune_layernorm=True` keeps its scale and bias trainable.
+    """
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_key(name))
+    for owner, config in recorded_configs(model):
+        if config.tune_layernorm:
+            for module in owner.modules():
+                if _is_layer_norm(module):
+                    module.requires_grad_(True)
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    # nn.LayerNorm, and channel-first variants by name (SAM's neck uses a `LayerNorm2d` class).
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.startswith("LayerNorm")
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -228,6 +316,8 @@ def merge_and_unload(model: nn.Module, tasks: str | Sequence[str] | None = None)
         for param, source in zip(replacement.parameters(), base.parameters(), strict=True):
             param.requires_grad_(source.requires_grad)
         _replace_module(unloaded, path, replacement)
+    for module, _ in list(recorded_configs(unloaded)):
+        del module.__dict__[ADAPTER_CONFIG_ATTR]  # no adapter left: nothing to regularise
     return unloaded
 
 
@@ -243,7 +333,7 @@ def prepare_for_merged_weights(
         The module paths replaced.
     """
     names = select_tasks(tasks, config.tasks)
-    if config.task_rank == 0 or len(names) == 1:
+    if not config.per_task or len(names) == 1:
         return []
     paths = []
     for path, linear, _ in _plan(model, config):

@@ -45,6 +45,13 @@ class AdapterSection:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("qkv.q", "qkv.v")
     layers: tuple[int, ...] | None = None
+    kind: Literal["lora_tesla", "ta_lora"] = field(
+        default="lora_tesla", metadata={"help": "lora_tesla: shared LoRA + TESLA; ta_lora: TA-LoRA (Tucker tensor)"}
+    )
+    ta_lora_ranks: tuple[int, int, int] = field(default=(32, 32, 4), metadata={"help": "TA-LoRA (R1, R2, R3)"})
+    ta_lora_scaling: float = field(default=0.5, metadata={"help": "TA-LoRA: task t adds scaling * its update"})
+    orth_weight: float = field(default=1.0, metadata={"help": "lambda of TA-LoRA's orthogonal regulariser"})
+    tune_layernorm: bool = field(default=False, metadata={"help": "also train the backbone's LayerNorms"})
 
 
 @dataclass

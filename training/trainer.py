@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from training.adapters import adapter_regularization
 from training.checkpoint import save_checkpoint
 from training.config import ExperimentConfig, write_config
 from training.data.datasets import open_dataset
@@ -231,7 +232,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         totals: dict[str, float] = {}
-        steps = 0
+        steps, regularization_total = 0, None
         bar = self._progress_bar(epoch)
         for batch in bar:
             batch = {k: v.to(self.ctx.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -240,6 +241,12 @@ class Trainer:
             losses = task_losses(self.model, {k: v.float() for k, v in outputs.items()}, batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.weighting.backward(losses, self.shared_params, epoch)
+            # lambda * TA-LoRA's orthogonal regulariser (paper eq. 6), once per step, outside the task weighting;
+            # a constant zero for models without TA-LoRA.
+            regularization = adapter_regularization(self.model)
+            if regularization.requires_grad:
+                regularization.backward()
+                regularization_total = (regularization_total or 0.0) + float(regularization.detach())
             average_gradients(self.params, self.ctx)
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
@@ -251,7 +258,10 @@ class Trainer:
             bar.set_postfix(loss=f"{sum(float(v.detach()) for v in losses.values()):.3f}")
         self.weighting.end_epoch(epoch)
         average_buffers(self.model, self.ctx)
-        return {f"loss.{task}": total / max(1, steps) for task, total in totals.items()}
+        stats = {f"loss.{task}": total / max(1, steps) for task, total in totals.items()}
+        if regularization_total is not None:
+            stats["regularization"] = regularization_total / max(1, steps)
+        return stats
 
     def fit(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
