@@ -12,7 +12,7 @@ import copy
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -144,14 +144,11 @@ def _saved_activation_bytes(model: nn.Module, run: Any) -> int:
     return sum(seen.values())
 
 
-def _measure(
-    model: nn.Module, batch: dict[str, Tensor], *, steps: int, warmup: int, device: torch.device
-) -> dict[str, Any]:
+def _training_step(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
+    """One AdamW step of `model` on `batch` with equal-weight task losses, as a closure."""
     from training.trainer import task_losses  # the trainer imports the factory, which lazily imports this module
 
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
         losses = task_losses(model, model(batch["image"]), batch)
@@ -159,30 +156,24 @@ def _measure(
         torch.stack(list(losses.values())).sum().backward()
         optimizer.step()
 
-    saved = _saved_activation_bytes(model, lambda: task_losses(model, model(batch["image"]), batch))
-    for _ in range(warmup):
-        step()
+    return step
+
+
+def _timed(step: Callable[[], None], device: torch.device) -> float:
+    started = time.perf_counter()
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-    total = sum(p.numel() for p in model.parameters())
-    result: dict[str, Any] = {
-        "trainable_params": sum(p.numel() for p in params),
-        "total_params": total,
-        "step_seconds": statistics.median(times),
-        "step_seconds_all": [round(t, 4) for t in times],
-        "saved_activation_mib": saved / 2**20,
-    }
-    if device.type == "cuda":
-        result["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return result
+    return time.perf_counter() - started
+
+
+def _peak_cuda_mib(step: Callable[[], None], device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def bench_bdta_memory(
@@ -217,11 +208,13 @@ def bench_bdta_memory(
 
     Returns:
         {"setup": ..., "bdta": figures, "lora": figures, "ratio": bdta / lora for each figure}; figures are
-        trainable_params, total_params, step_seconds (median), saved_activation_mib (tensors kept for backward,
-        weights excluded) and, on CUDA, peak_memory_mib.
+        trainable_params, adaptation_params (trainable minus heads), total_params, step_seconds (median),
+        step_seconds_min, saved_activation_mib (tensors kept for backward, weights excluded) and, on CUDA,
+        peak_memory_mib.
     """
     from training.data.writer import synth_labels
     from training.factory import build_model
+    from training.trainer import task_losses
 
     bdta_cfg = load_config(bdta_config, list(overrides)).model
     lora_cfg = load_config(lora_config, list(overrides)).model
@@ -240,13 +233,35 @@ def bench_bdta_memory(
         "mask": torch.randint(0, 2, (batch_size, height, width), generator=generator),
     }
     batch = {k: v.to(target) for k, v in batch.items()}
-    figures = {}
+    models, steps_of, figures = {}, {}, {}
     for name, cfg in (("bdta", bdta_cfg), ("lora", lora_cfg)):
         torch.manual_seed(seed)
-        model = build_model(cfg, tasks, load_backbone_weights=False)
-        figures[name] = _measure(model, batch, steps=steps, warmup=warmup, device=target)
+        models[name] = model = build_model(cfg, tasks, load_backbone_weights=False).to(target).train()
+        steps_of[name] = _training_step(model, batch)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        heads = sum(p.numel() for p in model.heads.parameters() if p.requires_grad)
+        saved = _saved_activation_bytes(model, lambda m=model: task_losses(m, m(batch["image"]), batch))
+        figures[name] = {
+            "trainable_params": trainable,
+            "adaptation_params": trainable - heads,  # trainable, heads excluded (BDTA + MoTE, or LoRA + TESLA)
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "saved_activation_mib": saved / 2**20,
+        }
+    for _ in range(warmup):
+        for step in steps_of.values():
+            step()
+    # Interleaved (one step of each model per round), so load from other processes hits both alike.
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(steps):
+        for name, step in steps_of.items():
+            times[name].append(_timed(step, target))
+    for name, step in steps_of.items():
+        figures[name]["step_seconds"] = statistics.median(times[name])
+        figures[name]["step_seconds_min"] = min(times[name])
+        figures[name]["step_seconds_all"] = [round(t, 4) for t in times[name]]
+        if target.type == "cuda":
+            figures[name]["peak_memory_mib"] = _peak_cuda_mib(step, target)
         logger.info("bench %s: %s", name, {k: v for k, v in figures[name].items() if k != "step_seconds_all"})
-        del model
     numeric = [k for k, v in figures["bdta"].items() if isinstance(v, int | float) and k in figures["lora"]]
     return {
         "setup": {

@@ -242,7 +242,8 @@ def test_bench_reports_both_models_and_ratios():
         assert figures["trainable_params"] > 0 and figures["step_seconds"] > 0
         assert figures["saved_activation_mib"] > 0 and len(figures["step_seconds_all"]) == 1
     ratio = report["ratio"]
-    assert set(ratio) >= {"trainable_params", "step_seconds", "saved_activation_mib"}
+    assert set(ratio) >= {"trainable_params", "adaptation_params", "step_seconds", "saved_activation_mib"}
+    assert report["bdta"]["adaptation_params"] < report["bdta"]["trainable_params"]
     assert ratio["trainable_params"] == pytest.approx(
         report["bdta"]["trainable_params"] / report["lora"]["trainable_params"]
     )
