@@ -30,6 +30,7 @@ from training.adapters import (
     prepare_for_merged_weights,
     unmerge_adapters,
 )
+from training.backbones import build_backbone
 from training.config import load_config
 from training.data.writer import synth_labels
 from training.distributed import init_distributed
@@ -276,6 +277,33 @@ def test_trainer_step_adds_the_regulariser_and_keeps_the_frozen_backbone(synth_d
     params = dict(backbone.named_parameters())
     assert all(torch.equal(params[n], value) for n, value in frozen.items())
     assert all(not torch.equal(params[n], value) for n, value in norms.items())
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_p14", "clip_tiny", "sam_tiny"])
+def test_any_of_our_encoders_takes_ta_lora_on_qkv(name: str) -> None:
+    """DINOv2, CLIP and SAM (windowed blocks) encoders: task-major streams, one task alone, merged == unmerged."""
+    torch.manual_seed(0)
+    encoder = build_backbone(name).eval()
+    config = AdapterConfig(tasks=("seg", "act"), kind="ta_lora", targets=QKV, ta_lora_ranks=(4, 4, 2))
+    assert apply_adapters(encoder, config) == [f"blocks.{i}.attn.qkv" for i in range(len(encoder.blocks))]
+    with torch.no_grad():
+        for _, layer in iter_adapter_layers(encoder):
+            layer.ta_lora_G.normal_(0, 0.05)
+    size = encoder.patch_size * 4
+    images = torch.randn(2, 3, size, size)
+
+    def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = model.forward_features(x)
+        return out["image_embeddings"] if "image_embeddings" in out else out["x_norm_patchtokens"]
+
+    with torch.no_grad():
+        both = features(encoder, torch.cat([images, images]))  # (T B) ...: stream "seg", then stream "act"
+        with active_tasks(encoder, "act"):
+            alone = features(encoder, images)
+        unloaded = features(merge_and_unload(encoder), torch.cat([images, images]))
+    torch.testing.assert_close(both[2:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unloaded, both, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(both[:2], both[2:], atol=1e-3)  # each task its own slice of the update
 
 
 def test_tiny_talora_config_builds_a_per_task_stream_model() -> None:
