@@ -85,6 +85,91 @@ class BDTASection:
 
 
 @dataclass
+class TeacherSpec:
+    """One frozen SAK teacher: what to build, how it sees the image, which features it gives."""
+
+    name: str = field(metadata={"help": "training.build_backbone name: dinov2_vitb14, clip_vitb16, sam_vitb, ..."})
+    checkpoint: str | None = field(default=None, metadata={"help": "weights file or directory (None = random init)"})
+    input_size: int = field(default=224, metadata={"help": "longer image side the teacher sees (SAM: 1024)"})
+    key: str | None = field(default=None, metadata={"help": "short name in module keys and logs (default: name)"})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "constructor kwargs (tiny tests)"})
+    levels: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "teacher block indices matched to the student levels (None = evenly spaced)"}
+    )
+    resize: Literal["auto", "keep_aspect", "longest_pad"] = field(
+        default="auto", metadata={"help": "longest_pad: SAM's resize + zero pad; auto picks it for sam_* names"}
+    )
+    norm: bool = field(default=False, metadata={"help": "apply the teacher's final norm to its block outputs"})
+    max_grid: int | None = field(
+        default=None, metadata={"help": "area-downsample teacher maps to at most this side (smaller cache)"}
+    )
+    dim: int | None = field(default=None, metadata={"help": "feature width; filled in from the teacher when built"})
+    seed: int = field(default=0, metadata={"help": "init seed of a teacher without checkpoint (tests, CPU runs)"})
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
+        if not self.key or "." in self.key:
+            raise ValueError(f"teacher key {self.key!r} must be a non-empty name without '.'")
+        if self.input_size < 1 or (self.max_grid is not None and self.max_grid < 1):
+            raise ValueError(
+                f"teacher {self.key}: input_size={self.input_size} and max_grid={self.max_grid} must be >= 1"
+            )
+        self.levels = None if self.levels is None else tuple(int(i) for i in self.levels)
+
+
+@dataclass
+class SAKSection:
+    """SAK multi-teacher distillation (family `sak`, shared/papers/sak.md); ignored by the other families."""
+
+    stage: int = field(default=2, metadata={"help": "1: distillation only on unlabeled frames; 2: tasks + gamma KD"})
+    teachers: tuple[TeacherSpec, ...] = field(default=(), metadata={"help": "frozen teachers (list of TeacherSpec)"})
+    levels: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "student block indices (None = [L/4, L/2, 3L/4, L])"}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "weight of the distillation loss in stage 2"})
+    tsap_reduction: int = field(default=4, metadata={"help": "TSAP bottleneck: C -> C / r -> C"})
+    router: Literal["mor", "sum"] = field(default="mor", metadata={"help": "MoR routers, or a plain sum of experts"})
+    stem_expert: bool = field(default=True, metadata={"help": "raw TAS tokens are an expert next to the TSAPs"})
+    noisy_gating: bool = field(default=True, metadata={"help": "router noise in training (never at inference)"})
+    aligners: bool = field(default=True, metadata={"help": "Linear student -> teacher width (training only)"})
+    tas: Literal["full", "lora", "frozen"] = field(
+        default="full", metadata={"help": "TAS training: all weights, shared LoRA (model.adapters), or none"}
+    )
+    cache: bool = field(default=True, metadata={"help": "keep teacher features on disk (teachers run once)"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "teacher feature cache (None = $XDG_CACHE_HOME/endostream/teacher_features)"}
+    )
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    init_from: str | None = field(default=None, metadata={"help": "stage-1 checkpoint folder to start stage 2 from"})
+    video_stride: int = field(default=1, metadata={"help": "stage 1: keep every n-th frame of each video"})
+    holdout: float = field(default=0.05, metadata={"help": "stage 1: fraction of frames held out for Rep Sim"})
+
+    def __post_init__(self) -> None:
+        specs = []
+        for spec in self.teachers:
+            if isinstance(spec, dict):
+                try:
+                    spec = TeacherSpec(**spec)
+                except TypeError as err:
+                    known = [f.name for f in dataclasses.fields(TeacherSpec)]
+                    raise ValueError(f"model.sak.teachers entry {spec!r}: {err}; known keys: {known}") from err
+            specs.append(spec)
+        self.teachers = tuple(specs)
+        keys = [spec.key for spec in self.teachers]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"model.sak.teachers keys {keys} repeat; give each teacher its own `key`")
+        if self.stage not in (1, 2):
+            raise ValueError(f"model.sak.stage={self.stage!r} must be 1 (distillation) or 2 (tasks + distillation)")
+        if self.gamma < 0 or self.tsap_reduction < 1 or self.video_stride < 1 or not 0.0 <= self.holdout < 1.0:
+            raise ValueError(
+                f"model.sak needs gamma >= 0, tsap_reduction >= 1, video_stride >= 1 and 0 <= holdout < 1; got "
+                f"gamma={self.gamma} tsap_reduction={self.tsap_reduction} video_stride={self.video_stride} "
+                f"holdout={self.holdout}"
+            )
+        self.levels = None if self.levels is None else tuple(int(i) for i in self.levels)
+
+
+@dataclass
 class ModelConfig:
     family: Literal["endoarss", "sak", "msam", "bdta"] = field(
         default="endoarss", metadata={"help": "model family; training.factory.FAMILIES maps it to its builder"}
@@ -95,6 +180,7 @@ class ModelConfig:
     adapters: AdapterSection = field(default_factory=AdapterSection)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     bdta: BDTASection = field(default_factory=BDTASection)
+    sak: SAKSection = field(default_factory=SAKSection)
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
