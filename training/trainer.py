@@ -80,6 +80,12 @@ def task_losses(model: EndoARSS, outputs: dict[str, Tensor], batch: dict[str, Te
     return losses
 
 
+def auxiliary_losses(model: nn.Module, batch: dict[str, Any], outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Extra loss terms a family adds to every training step (`model.auxiliary_losses`; none by default)."""
+    hook = getattr(model, "auxiliary_losses", None)
+    return hook(batch, outputs) if callable(hook) else {}
+
+
 def split_parameters(model: EndoARSS) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(trainable shared parameters, all trainable parameters); shared = used by every task's loss."""
     task_names = {name for names in model.task_parameter_names().values() for name in names}
@@ -167,6 +173,10 @@ class Trainer:
             # Saved checkpoints must rebuild this architecture without the backbone file.
             cfg.model.backbone.overrides = resolved_backbone_overrides(self.model.backbone)
         broadcast_module(self.model, ctx)
+        # Family hook before the first epoch, e.g. SAK's teachers fill their feature cache in one pass over the data.
+        prepare = getattr(self.model, "prepare_training", None)
+        if callable(prepare):
+            prepare(self.train_set, batch_size=cfg.train.batch_size, progress=self.progress)
         self.shared_params, self.params = split_parameters(self.model)
         self.optimizer = build_optimizer(cfg, self.params)
         self.scheduler = build_scheduler(cfg, self.optimizer, max(1, len(self.loader)))
@@ -239,7 +249,10 @@ class Trainer:
             with autocast_context(self.cfg, self.ctx.device):
                 outputs = self.model(batch["image"])
             losses = task_losses(self.model, {k: v.float() for k, v in outputs.items()}, batch)
+            auxiliary = auxiliary_losses(self.model, batch, outputs)
             self.optimizer.zero_grad(set_to_none=True)
+            if auxiliary:  # e.g. SAK's gamma * distillation: added to the gradients as is, outside the task weighting
+                torch.stack([v.float() for v in auxiliary.values()]).sum().backward(retain_graph=True)
             self.weighting.backward(losses, self.shared_params, epoch)
             # lambda * TA-LoRA's orthogonal regulariser (paper eq. 6), once per step, outside the task weighting;
             # a constant zero for models without TA-LoRA.
@@ -252,7 +265,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            for task, loss in losses.items():
+            for task, loss in {**losses, **auxiliary}.items():
                 totals[task] = totals.get(task, 0.0) + float(loss.detach())
             steps += 1
             bar.set_postfix(loss=f"{sum(float(v.detach()) for v in losses.values()):.3f}")
@@ -333,6 +346,10 @@ def train(
     """Train `cfg` into `run_dir` (single process, or one rank of a torchrun job)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.model.family == "sak" and cfg.model.sak.stage == 1:
+        from training.build_sak import train_stage1  # distillation only, on unlabeled frames: no labels, no tasks
+
+        return train_stage1(cfg, run_dir, resume=resume, device=device, progress=progress)
     ctx = init_distributed(device)
     seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, run_dir, ctx, progress=progress)
