@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -295,16 +296,17 @@ class TeacherFeatureCache:
         loader = DataLoader(
             part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_images
         )
-        before = self.computed
+        before, started = self.computed, time.perf_counter()
         for images in tqdm(loader, desc="teacher features", disable=not progress, leave=False, dynamic_ncols=True):
             self.ensure(images)
         if shared:
             dist.barrier()
         logger.info(
-            "teacher cache %s: %d of %d images computed, the rest were stored already (%s)",
+            "teacher cache %s: %d of %d images computed in %.1f s, the rest were stored already (%s)",
             self.root,
             self.computed - before,
             len(dataset),
+            time.perf_counter() - started,
             ", ".join(f"{key[0]} at {key[1]}x{key[2]}: {len(store)} images" for key, store in self._stores.items()),
         )
 

@@ -46,7 +46,7 @@ from training.distributed import (
 from training.evaluate import evaluate_model, selection_score
 from training.factory import build_model, count_parameters, resolved_backbone_overrides
 from training.models.endoarss import EndoARSS
-from training.mtl import build_weighting
+from training.mtl import EqualWeighting, build_weighting
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +251,15 @@ class Trainer:
             losses = task_losses(self.model, {k: v.float() for k, v in outputs.items()}, batch)
             auxiliary = auxiliary_losses(self.model, batch, outputs)
             self.optimizer.zero_grad(set_to_none=True)
+            weighted = losses
             if auxiliary:  # e.g. SAK's gamma * distillation: added to the gradients as is, outside the task weighting
-                torch.stack([v.float() for v in auxiliary.values()]).sum().backward(retain_graph=True)
-            self.weighting.backward(losses, self.shared_params, epoch)
+                extra = torch.stack([v.float() for v in auxiliary.values()]).sum()
+                if isinstance(self.weighting, EqualWeighting):  # a plain sum: one backward pass serves both
+                    first = next(iter(losses))
+                    weighted = {**losses, first: losses[first] + extra}
+                else:
+                    extra.backward(retain_graph=True)
+            self.weighting.backward(weighted, self.shared_params, epoch)
             # lambda * TA-LoRA's orthogonal regulariser (paper eq. 6), once per step, outside the task weighting;
             # a constant zero for models without TA-LoRA.
             regularization = adapter_regularization(self.model)
