@@ -170,6 +170,57 @@ class SAKSection:
 
 
 @dataclass
+class MSAMSection:
+    """mSAM per-task SAM mask decoders (family `msam`, shared/papers/ta-lora-sam.md §3.3); ignored by the others.
+
+    The decoder width is the encoder's `out_chans`; the other fields are SAM's decoder (`segment_anything`
+    `build_sam.py`) by default and must match a decoder checkpoint when one is loaded.
+    """
+
+    decoder_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "whole-SAM sam_vit_*.pth or Hugging Face SamModel folder for the decoders (None = the backbone "
+            "checkpoint when it holds a mask decoder, else random init)"
+        },
+    )
+    depth: int = field(default=2, metadata={"help": "two-way transformer blocks"})
+    num_heads: int = field(default=8, metadata={"help": "decoder attention heads"})
+    mlp_dim: int = field(default=2048, metadata={"help": "hidden width of the decoder's token MLPs"})
+    attention_downsample_rate: int = field(default=2, metadata={"help": "cross-attention inner width = C / rate"})
+    num_multimask_outputs: int = field(default=3, metadata={"help": "SAM's extra mask tokens (kept for its layout)"})
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    layer_norm_eps: float = field(default=1e-5, metadata={"help": "decoder LayerNorm eps (segment_anything: 1e-5)"})
+    no_mask_noise: float = field(
+        default=0.02, metadata={"help": "std of the noise added to SAM's no-mask embedding for each channel's row"}
+    )
+    classifier_dropout: float = field(default=0.0, metadata={"help": "dropout on the pooled activity tokens"})
+
+    def __post_init__(self) -> None:
+        sizes = {
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_dim": self.mlp_dim,
+            "attention_downsample_rate": self.attention_downsample_rate,
+            "iou_head_depth": self.iou_head_depth,
+            "iou_head_hidden_dim": self.iou_head_hidden_dim,
+            "num_multimask_outputs": self.num_multimask_outputs + 1,
+        }
+        bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, int | float):
+            raise ValueError(
+                f"model.msam.layer_norm_eps={self.layer_norm_eps!r} must be a number (YAML reads 1e-6 as text: 1.0e-6)"
+            )
+        if bad or self.no_mask_noise < 0 or not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(
+                f"model.msam needs integer sizes >= 1 (num_multimask_outputs >= 0), no_mask_noise >= 0 and "
+                f"0 <= classifier_dropout < 1; got {bad or ''} no_mask_noise={self.no_mask_noise} "
+                f"classifier_dropout={self.classifier_dropout}"
+            )
+
+
+@dataclass
 class ModelConfig:
     family: Literal["endoarss", "sak", "msam", "bdta"] = field(
         default="endoarss", metadata={"help": "model family; training.factory.FAMILIES maps it to its builder"}
@@ -181,6 +232,7 @@ class ModelConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     bdta: BDTASection = field(default_factory=BDTASection)
     sak: SAKSection = field(default_factory=SAKSection)
+    msam: MSAMSection = field(default_factory=MSAMSection)
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

@@ -53,6 +53,7 @@ FAMILIES: dict[str, str] = {
     "endoarss": "training.factory:build_endoarss",
     "sak": "training.build_sak:build",
     "bdta": "training.build_bdta:build",
+    "msam": "training.build_msam:build",
 }
 
 
