@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.backbones import build_backbone
 from training.config import load_config
 from training.factory import build_model
 from training.teacher_cache import FeatureStore, TeacherFeatureCache, image_key, teacher_fingerprint
@@ -133,6 +134,17 @@ def test_builder_keys_the_cache_by_teacher_weights_and_input_size(tmp_path: Path
     assert stores() == base  # same spec, same weights (seeded), same store
     assert stores(f"model.sak.teachers=[{DINO[:-1]}, seed: 5}}]") != base  # other weights
     assert stores(f"model.sak.teachers=[{DINO.replace('input_size: 32', 'input_size: 48')}]") != base  # other view
+
+    torch.manual_seed(3)
+    teacher = build_backbone("vit_tiny_p8", embed_dim=24, depth=4, num_heads=2)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    with_checkpoint = f"model.sak.teachers=[{DINO[:-1]}, checkpoint: {tmp_path / 'teacher.pth'}}}]"
+    from_file = stores(with_checkpoint)
+    assert from_file != base and stores(with_checkpoint) == from_file  # keyed by the checkpoint's weights
+    with torch.no_grad():
+        teacher.blocks[0].mlp.fc1.weight[0, 0] += 1.0
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    assert stores(with_checkpoint) != from_file  # the same path holding other weights is another teacher
 
 
 def test_fill_runs_the_teachers_once_over_a_dataset(tmp_path: Path):
