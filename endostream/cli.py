@@ -294,6 +294,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--threads", type=int, default=0)
     stream.add_argument("--json", type=Path, required=True, help="where the results go")
     stream.set_defaults(func=_run_bench_stream)
+    training = bench_sub.add_parser("train", help="training cost of BDTA + MoTE vs LoRA + TESLA on the same backbone")
+    training.add_argument("--bdta-config", default="bdta_vits14", help="BDTA config (default bdta_vits14)")
+    training.add_argument("--lora-config", default="endoarss_vits14", help="LoRA config (default endoarss_vits14)")
+    training.add_argument("--batch-size", type=int, default=8)
+    training.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    training.add_argument("--warmup", type=int, default=1)
+    training.add_argument("--device", default="cpu", help="cpu or cuda (CUDA adds peak allocated memory)")
+    training.add_argument("--json", type=Path, required=True, help="where the results go")
+    training.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both configs")
+    training.set_defaults(func=_run_bench_train)
 
 
 def _bench_frames(size: str, quality: int, count: int = 8) -> list[bytes]:
@@ -357,6 +367,28 @@ def _run_bench_stream(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(format_stream(report))
+    print(f"written to {args.json}")
+    return 0
+
+
+def _run_bench_train(args: argparse.Namespace) -> int:
+    import json
+
+    from training.build_bdta import bench_bdta_memory
+
+    report = bench_bdta_memory(
+        bdta_config=args.bdta_config,
+        lora_config=args.lora_config,
+        overrides=args.overrides,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    for name, ratio in report["ratio"].items():
+        print(f"{name:<24} bdta {report['bdta'][name]!s:>14}  lora {report['lora'][name]!s:>14}  ratio {ratio:.3f}")
     print(f"written to {args.json}")
     return 0
 
