@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from training.backbones import build_backbone
 from training.config import ModelConfig, load_config
+from training.factory import build_task_heads, check_image_size
 from training.layers.bdta import BDTA
 from training.layers.mote import MoTE
 from training.models.bdta import BDTAMoTE, evenly_spaced_blocks
-from training.models.heads import ActivityHead, SegmentationHead, aspp_rates_for_grid
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,8 @@ def build(
     section = cfg.bdta
     checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
     backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
-    height, width = cfg.image_size
+    height, width = check_image_size(cfg, backbone.patch_size)
     patch = backbone.patch_size
-    if height % patch or width % patch:
-        raise ValueError(
-            f"model.image_size {cfg.image_size} must be a multiple of the patch size {patch}: "
-            f"try [{height // patch * patch}, {width // patch * patch}]"
-        )
     blocks = (
         tuple(section.blocks)
         if section.blocks is not None
@@ -94,21 +89,7 @@ def build(
         noisy_gating=section.noisy_gating,
     )
     grid = (height // patch, width // patch)
-    heads = nn.ModuleDict()
-    for task in tasks:
-        classes = len(task["classes"])
-        if task["kind"] == "segmentation":
-            heads[task["name"]] = SegmentationHead(
-                mote_dim,
-                classes,
-                channels=cfg.heads.segmentation_channels,
-                rates=aspp_rates_for_grid(grid),
-                dropout=cfg.heads.dropout,
-            )
-        else:
-            heads[task["name"]] = ActivityHead(
-                mote_dim, classes, channels=cfg.heads.activity_channels, pool=cfg.heads.activity_pool
-            )
+    heads = build_task_heads(cfg, tasks, mote_dim, grid)
     return BDTAMoTE(
         backbone=backbone,
         stages=stages,

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.adapters import apply_adapters, mark_only_adapters_trainable, prepare_for_merged_weights
+from training.adapters import mark_only_adapters_trainable
 from training.backbones import build_backbone
 from training.config import ModelConfig
 from training.convert_sam_decoder import DecoderCheckpoint, load_sam_decoder_weights
-from training.factory import adapter_config
+from training.factory import attach_adapters, check_image_size
 from training.models.msam import MSAM, SINGLE_MASK
 from training.models.sam_decoder import DensePositionEncoding, SamMaskDecoder
 from training.models.sam_encoder import SamImageEncoder
@@ -70,21 +70,9 @@ def build(
             f"model.family msam needs a SAM image encoder (sam_vitb, sam_vitl, sam_vith, sam_tiny); "
             f"model.backbone.name {cfg.backbone.name!r} builds a {type(backbone).__name__}"
         )
-    height, width = cfg.image_size
-    patch = backbone.patch_size
-    if height % patch or width % patch:
-        raise ValueError(
-            f"model.image_size {cfg.image_size} must be a multiple of the patch size {patch}: "
-            f"try [{height // patch * patch}, {width // patch * patch}]"
-        )
+    height, width = check_image_size(cfg, backbone.patch_size)
     names = [t["name"] for t in tasks]
-    adapters = adapter_config(cfg, names)
-    per_task_streams = adapters is not None and adapters.per_task and len(names) > 1
-    if adapters is not None:
-        if not merged:
-            apply_adapters(backbone, adapters)
-        elif per_task_streams:
-            prepare_for_merged_weights(backbone, adapters)
+    adapters, per_task_streams = attach_adapters(backbone, cfg, names, merged=merged)
     if cfg.backbone.freeze and not merged:
         mark_only_adapters_trainable(backbone)  # LayerNorms stay trainable when adapters.tune_layernorm
         if adapters is None and cfg.adapters.tune_layernorm:

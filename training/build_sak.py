@@ -34,6 +34,7 @@ from training.adapters import AdapterConfig, apply_adapters, iter_adapter_layers
 from training.backbones import build_backbone
 from training.config import ExperimentConfig, ModelConfig, SAKSection, TeacherSpec, write_config
 from training.distill import TeacherBank, TeacherView, distillation_losses, evenly_spaced_levels
+from training.factory import check_image_size
 from training.models.sak import SAK, MoRRouter, MultiLevelSegmentationHead, PooledActivityHead, TeacherSpecificPath
 from training.models.vit import VisionTransformer
 from training.teacher_cache import TeacherFeatureCache, collate_images, default_cache_dir, teacher_fingerprint
@@ -65,13 +66,7 @@ def build(
             f"model.backbone.name {cfg.backbone.name!r} builds a {type(backbone).__name__}; the SAK stem must be a "
             "ViT with class token (dinov2_*, vit_tiny_*); SAM and CLIP encoders belong in model.sak.teachers"
         )
-    height, width = cfg.image_size
-    patch = backbone.patch_size
-    if height % patch or width % patch:
-        raise ValueError(
-            f"model.image_size {cfg.image_size} must be a multiple of the patch size {patch}: "
-            f"try [{height // patch * patch}, {width // patch * patch}]"
-        )
+    height, width = check_image_size(cfg, backbone.patch_size)
     levels = sak.levels if sak.levels is not None else evenly_spaced_levels(len(backbone.blocks))
     teachers = build_teachers(sak.teachers, len(levels)) if load_backbone_weights else None
     unknown = [spec.key for spec in sak.teachers if spec.dim is None]

@@ -95,42 +95,16 @@ def build_endoarss(
     """EndoARSS (paper): DINOv2 + shared LoRA + TESLA per-task streams + SMA, ASPP and activity heads."""
     checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
     backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
-    height, width = cfg.image_size
+    height, width = check_image_size(cfg, backbone.patch_size)
     patch = backbone.patch_size
-    if height % patch or width % patch:
-        raise ValueError(
-            f"model.image_size {cfg.image_size} must be a multiple of the patch size {patch}: "
-            f"try [{height // patch * patch}, {width // patch * patch}]"
-        )
     names = [t["name"] for t in tasks]
-    adapters = adapter_config(cfg, names)
-    per_task_streams = adapters is not None and adapters.per_task and len(names) > 1
-    if adapters is not None:
-        if not merged:
-            apply_adapters(backbone, adapters)
-        elif per_task_streams:
-            prepare_for_merged_weights(backbone, adapters)
-        # merged without per-task weights: the shared LoRA was folded into plain Linears of the same shape.
+    adapters, per_task_streams = attach_adapters(backbone, cfg, names, merged=merged)
     if cfg.backbone.freeze and not merged:
         mark_only_adapters_trainable(backbone)
 
     grid = (height // patch, width // patch)
     dim = backbone.embed_dim
-    heads = nn.ModuleDict()
-    for task in tasks:
-        classes = len(task["classes"])
-        if task["kind"] == "segmentation":
-            heads[task["name"]] = SegmentationHead(
-                dim,
-                classes,
-                channels=cfg.heads.segmentation_channels,
-                rates=aspp_rates_for_grid(grid),
-                dropout=cfg.heads.dropout,
-            )
-        else:
-            heads[task["name"]] = ActivityHead(
-                dim, classes, channels=cfg.heads.activity_channels, pool=cfg.heads.activity_pool
-            )
+    heads = build_task_heads(cfg, tasks, dim, grid)
     sma = None
     if cfg.sma.enabled:
         sma = SMA(
@@ -149,6 +123,57 @@ def build_endoarss(
         pixel_mean=tuple(cfg.pixel_mean),
         pixel_std=tuple(cfg.pixel_std),
     )
+
+
+def check_image_size(cfg: ModelConfig, patch: int) -> tuple[int, int]:
+    """`cfg.image_size` as (height, width); ValueError with the nearest valid size unless both divide by `patch`."""
+    height, width = cfg.image_size
+    if height % patch or width % patch:
+        raise ValueError(
+            f"model.image_size {cfg.image_size} must be a multiple of the patch size {patch}: "
+            f"try [{height // patch * patch}, {width // patch * patch}]"
+        )
+    return height, width
+
+
+def attach_adapters(
+    backbone: nn.Module, cfg: ModelConfig, task_names: Sequence[str], *, merged: bool
+) -> tuple[AdapterConfig | None, bool]:
+    """Wrap `backbone`'s target layers with the configured adapters (or, for a merged checkpoint, give them the
+    per-task stacked weight shapes); returns the adapter config and whether tasks run in their own token streams.
+
+    A merged checkpoint without per-task weights needs nothing: the shared LoRA was folded into plain Linears.
+    """
+    adapters = adapter_config(cfg, task_names)
+    per_task_streams = adapters is not None and adapters.per_task and len(task_names) > 1
+    if adapters is not None:
+        if not merged:
+            apply_adapters(backbone, adapters)
+        elif per_task_streams:
+            prepare_for_merged_weights(backbone, adapters)
+    return adapters, per_task_streams
+
+
+def build_task_heads(
+    cfg: ModelConfig, tasks: Sequence[dict[str, Any]], dim: int, grid: tuple[int, int]
+) -> nn.ModuleDict:
+    """The ASPP segmentation head and the pooled activity head per task, on `dim`-channel features at `grid`."""
+    heads = nn.ModuleDict()
+    for task in tasks:
+        classes = len(task["classes"])
+        if task["kind"] == "segmentation":
+            heads[task["name"]] = SegmentationHead(
+                dim,
+                classes,
+                channels=cfg.heads.segmentation_channels,
+                rates=aspp_rates_for_grid(grid),
+                dropout=cfg.heads.dropout,
+            )
+        else:
+            heads[task["name"]] = ActivityHead(
+                dim, classes, channels=cfg.heads.activity_channels, pool=cfg.heads.activity_pool
+            )
+    return heads
 
 
 def resolved_backbone_overrides(backbone: nn.Module) -> dict[str, Any]:
