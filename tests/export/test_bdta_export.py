@@ -19,6 +19,7 @@ from endostream.cli import main
 from export.checks import adapter_initializers, onnxruntime_session
 from export.manifest import MODEL_FILE, read_manifest
 from export.onnx_export import export_onnx, generated_frames
+from tests.export.parity import assert_bundle_matches_checkpoint, run_checkpoint
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
 from training.data.writer import synth_labels
@@ -67,27 +68,9 @@ def bdta_bundle(bdta_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-def _torch_reference(ckpt: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
-    model = load_checkpoint(ckpt).model.eval()
-    with torch.no_grad():
-        out = model(torch.from_numpy(frames).permute(0, 3, 1, 2))
-    return {
-        "activity_probs": out["activity"].softmax(1).numpy(),
-        "segmentation": out["segmentation"].argmax(1).numpy().astype(np.uint8),
-    }
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 def test_onnxruntime_matches_the_pytorch_model(bdta_bundle: Path, bdta_ckpt: Path, batch: int):
-    frames = generated_frames(batch, SIZE, SIZE, seed=5)
-    session = onnxruntime_session(bdta_bundle / MODEL_FILE)
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {"frames": frames}), strict=True))
-    want = _torch_reference(bdta_ckpt, frames)
-    assert got["activity_probs"].shape == (batch, 5)
-    assert got["segmentation"].shape == (batch, SIZE, SIZE) and got["segmentation"].dtype == np.uint8
-    np.testing.assert_allclose(got["activity_probs"], want["activity_probs"], atol=1e-4, rtol=0)
-    assert (got["segmentation"] == want["segmentation"]).mean() >= 0.999
+    assert_bundle_matches_checkpoint(bdta_bundle, bdta_ckpt, batch, SIZE)
 
 
 def test_manifest_records_the_family_and_passed_checks(bdta_bundle: Path):
@@ -133,7 +116,7 @@ def test_cli_exports_at_another_size(tmp_path: Path, bdta_ckpt: Path):
     frames = generated_frames(2, 48, 80, seed=3)
     probs, mask = onnxruntime_session(tmp_path / "b" / MODEL_FILE).run(None, {"frames": frames})
     assert probs.shape == (2, 5) and mask.shape == (2, 48, 80)
-    want = _torch_reference(bdta_ckpt, frames)  # the model resamples its position table for 48 x 80 itself
+    want = run_checkpoint(bdta_ckpt, frames)  # the model resamples its position table for 48 x 80 itself
     np.testing.assert_allclose(probs, want["activity_probs"], atol=1e-4, rtol=0)
     assert (mask == want["segmentation"]).mean() >= 0.999
 
@@ -143,4 +126,4 @@ def test_single_task_graph(tmp_path: Path, bdta_ckpt: Path):
     assert [t.name for t in result.manifest.tasks] == ["segmentation"]
     frames = generated_frames(2, SIZE, SIZE, seed=5)
     (mask,) = onnxruntime_session(tmp_path / "seg" / MODEL_FILE).run(None, {"frames": frames})
-    assert (mask == _torch_reference(bdta_ckpt, frames)["segmentation"]).mean() >= 0.999
+    assert (mask == run_checkpoint(bdta_ckpt, frames)["segmentation"]).mean() >= 0.999

@@ -19,6 +19,7 @@ from endostream.cli import main
 from export.checks import adapter_initializers, onnxruntime_session
 from export.manifest import MODEL_FILE, read_manifest
 from export.onnx_export import export_onnx, generated_frames
+from tests.export.parity import assert_bundle_matches_checkpoint, run_checkpoint
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
 from training.data.writer import synth_labels
@@ -61,29 +62,10 @@ def msam_bundle(msam_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-def _torch_reference(ckpt: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
-    """The training-form model (TA-LoRA factors unmerged, tables resampled on the fly)."""
-    model = load_checkpoint(ckpt).model.eval()
-    with torch.no_grad():
-        out = model(torch.from_numpy(frames).permute(0, 3, 1, 2))
-    return {
-        "activity_probs": out["activity"].softmax(1).numpy(),
-        "segmentation": out["segmentation"].argmax(1).numpy().astype(np.uint8),
-    }
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 def test_onnxruntime_matches_the_pytorch_model(msam_bundle: Path, msam_ckpt: Path, batch: int):
-    frames = generated_frames(batch, SIZE, SIZE, seed=5)
-    session = onnxruntime_session(msam_bundle / MODEL_FILE)
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {"frames": frames}), strict=True))
-    want = _torch_reference(msam_ckpt, frames)
-    assert got["activity_probs"].shape == (batch, 5)
-    assert got["segmentation"].shape == (batch, SIZE, SIZE) and got["segmentation"].dtype == np.uint8
+    got, want = assert_bundle_matches_checkpoint(msam_bundle, msam_ckpt, batch, SIZE)
     assert want["activity_probs"].max() > 0.5, "probabilities near uniform would hide differences"
-    np.testing.assert_allclose(got["activity_probs"], want["activity_probs"], atol=1e-4, rtol=0)
-    assert (got["segmentation"] == want["segmentation"]).mean() >= 0.999
     assert len(np.unique(want["segmentation"])) > 1
 
 
@@ -124,6 +106,6 @@ def test_merged_checkpoint_at_another_size_through_the_cli(tmp_path: Path, msam_
     frames = generated_frames(2, 48, 80, seed=3)
     probs, mask = onnxruntime_session(out / MODEL_FILE).run(None, {"frames": frames})
     assert probs.shape == (2, 5) and mask.shape == (2, 48, 80)
-    want = _torch_reference(msam_ckpt, frames)  # the unmerged model resamples its tables for 48 x 80 itself
+    want = run_checkpoint(msam_ckpt, frames)  # the unmerged model resamples its tables for 48 x 80 itself
     np.testing.assert_allclose(probs, want["activity_probs"], atol=1e-4, rtol=0)
     assert (mask == want["segmentation"]).mean() >= 0.999

@@ -14,10 +14,11 @@ import onnx
 import pytest
 import torch
 
-from export.checks import adapter_initializers, initializer_sizes, onnxruntime_session
+from export.checks import adapter_initializers, initializer_sizes
 from export.manifest import MODEL_FILE
 from export.onnx_export import export_onnx, generated_frames
 from tests.checkpoints import SIZE, SMALL
+from tests.export.parity import run_bundle
 from training.adapters import AdapterLinear
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
@@ -59,16 +60,10 @@ def ta_lora_bundle(ta_lora_ckpt: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-def _run_bundle(bundle: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
-    session = onnxruntime_session(bundle / MODEL_FILE)
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, {"frames": frames}), strict=True))
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 def test_onnxruntime_matches_the_unmerged_ta_lora_model(ta_lora_bundle: Path, ta_lora_ckpt: Path, batch: int):
     frames = generated_frames(batch, SIZE, SIZE, seed=5)
-    got = _run_bundle(ta_lora_bundle, frames)
+    got = run_bundle(ta_lora_bundle, frames)
     model = load_checkpoint(ta_lora_ckpt).model.eval()
     assert model.per_task_streams
     with torch.no_grad():
@@ -117,7 +112,7 @@ def test_merged_ta_lora_checkpoint_gives_the_same_graph_results(tmp_path: Path, 
     assert not [k for k in load_checkpoint(merged).model.state_dict() if "ta_lora" in k]
     export_onnx(merged, tmp_path / "bundle")
     frames = generated_frames(4, SIZE, SIZE, seed=9)
-    a, b = _run_bundle(ta_lora_bundle, frames), _run_bundle(tmp_path / "bundle", frames)
+    a, b = run_bundle(ta_lora_bundle, frames), run_bundle(tmp_path / "bundle", frames)
     np.testing.assert_allclose(a["activity_probs"], b["activity_probs"], atol=1e-5)
     assert (a["segmentation"] == b["segmentation"]).mean() >= 0.999
 
