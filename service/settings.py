@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     )
     stream_open_timeout_s: float = Field(5.0, gt=0)
     stream_read_timeout_s: float = Field(5.0, gt=0)
+    stream_backend: Literal["pyav", "opencv"] = Field(
+        "pyav",
+        description="stream decoder; OpenCV serialises every open in the process, so one dead camera would hold "
+        "back all other streams' opens and reconnects for its whole open timeout",
+    )
     api_token: str | None = Field(None, description="when set, routes need `Authorization: Bearer <token>`")
     metrics_public: bool = Field(True, description="serve /metrics without the token (scrapers on the box)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -61,7 +61,9 @@ class StreamsApi:
             settings.stream_allowlist,
             listener=_MetricsListener(metrics),
             default_options=ReaderOptions(
-                open_timeout=settings.stream_open_timeout_s, read_timeout=settings.stream_read_timeout_s
+                backend=settings.stream_backend,
+                open_timeout=settings.stream_open_timeout_s,
+                read_timeout=settings.stream_read_timeout_s,
             ),
         )
 

@@ -18,7 +18,8 @@ class ReaderOptions:
     """How a reader opens, paces and recovers a stream (times in seconds).
 
     Attributes:
-        backend: "opencv" (cv2 on FFmpeg) or "pyav" (per-open options, container PTS).
+        backend: "pyav" (per-open options, container PTS, opens in parallel) or "opencv" (cv2 on FFmpeg; OpenCV
+            holds one process-wide lock across every FFmpeg open, so a dead camera's open delays all others).
         open_timeout: bound on one open (connect, RTSP handshake, stream probing).
         read_timeout: bound on one blocked read; also the watchdog limit when the source reports no frame rate.
         watchdog_periods: reopen when no frame decodes for this many nominal frame periods, at most read_timeout
@@ -29,7 +30,7 @@ class ReaderOptions:
         max_reconnects: consecutive failed attempts before the state becomes "failed"; None retries forever.
     """
 
-    backend: Backend = "opencv"
+    backend: Backend = "pyav"
     open_timeout: float = 5.0
     read_timeout: float = 5.0
     watchdog_periods: float = 30.0

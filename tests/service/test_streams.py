@@ -297,6 +297,22 @@ def test_stop_returns_within_a_second_during_a_hung_open() -> None:
         assert reader.state == "stopped" and reader.stats().frames_read == 0
 
 
+def test_a_hung_open_does_not_hold_back_other_streams(video_clip: Path) -> None:
+    """With the default backend a dead camera's open runs beside other opens (OpenCV's would hold a global lock)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        silent.settimeout(3)
+        dead = StreamReader(f"rtsp://127.0.0.1:{silent.getsockname()[1]}/cam", ReaderOptions(open_timeout=4.0))
+        with dead, silent.accept()[0]:  # the dead camera's open is under way
+            start = time.monotonic()
+            with StreamReader(file_url(video_clip), ReaderOptions()) as reader:
+                assert reader.get(timeout=5) is not None, reader.stats()
+                took = time.monotonic() - start
+            assert dead.state == "connecting"  # still inside its 4 s open
+    assert took < 1.0, f"the file's first frame waited {took:.2f} s behind the hung open"
+
+
 # -- source allowlist and redaction --------------------------------------------------------------------------------
 
 ALLOW = ["rtsp://cam1.example", "rtsp://10.0.0.5:8554/live/", "https://video.example/streams", "file:///data/videos"]
