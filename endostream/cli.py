@@ -68,14 +68,7 @@ def _run_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / cfg.name
     result = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
-        logger.info(
-            "done in %.1f min: best epoch %d (val acc %.3f, mIoU %.3f) -> %s",
-            result.seconds / 60,
-            result.best_epoch,
-            result.best_metrics.get("activity", {}).get("accuracy", float("nan")),
-            result.best_metrics.get("segmentation", {}).get("miou", float("nan")),
-            out / "best-merged",
-        )
+        logger.info("%s", result.summary())
     return 0
 
 

@@ -431,4 +431,6 @@ def train_stage1(
             logger.warning("time limit of %.1f min reached after epoch %d", limit, epoch + 1)
             break
     shutdown(ctx)
-    return TrainResult(run_dir, best["epoch"], best["score"], best["metrics"], epoch + 1, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    # Stage 1 writes no merged checkpoint: stage 2 starts from RUN/best (model.sak.init_from).
+    return TrainResult(run_dir, best["epoch"], best["score"], best["metrics"], epoch + 1, seconds, run_dir / "best")

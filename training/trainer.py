@@ -61,6 +61,17 @@ class TrainResult:
     best_metrics: dict[str, Any]
     epochs_run: int
     seconds: float
+    checkpoint: Path  # the folder to use next: RUN/best-merged (to eval/export), RUN/best after SAK stage 1
+
+    def summary(self) -> str:
+        """One line for people: the best epoch's scores and the checkpoint to use next."""
+        if "rep_sim" in self.best_metrics:  # SAK stage 1: distillation only, no task scores
+            scores = f"held-out Rep Sim {self.best_metrics['rep_sim']['mean']:.3f}"
+        else:
+            accuracy = self.best_metrics.get("activity", {}).get("accuracy", float("nan"))
+            miou = self.best_metrics.get("segmentation", {}).get("miou", float("nan"))
+            scores = f"val acc {accuracy:.3f}, mIoU {miou:.3f}"
+        return f"done in {self.seconds / 60:.1f} min: best epoch {self.best_epoch} ({scores}) -> {self.checkpoint}"
 
 
 def seed_everything(seed: int) -> None:
@@ -310,7 +321,15 @@ class Trainer:
                 break
         seconds = time.perf_counter() - started
         shutdown(ctx)
-        return TrainResult(self.run_dir, self.best_epoch, self.best_score, self.best_metrics, epoch + 1, seconds)
+        return TrainResult(
+            self.run_dir,
+            self.best_epoch,
+            self.best_score,
+            self.best_metrics,
+            epoch + 1,
+            seconds,
+            self.run_dir / "best-merged",
+        )
 
     def _end_of_epoch(self, epoch: int, train_stats: dict[str, float], seconds: float) -> None:
         metrics = evaluate_model(

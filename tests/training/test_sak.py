@@ -4,6 +4,7 @@ stage 2 on labelled data with evaluation (tiny random teachers and students, 32-
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -207,7 +208,15 @@ def stage1_run(frames_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     run = tmp / "run"
     args = ["train", "--config", "tiny_sak_stage1", "--data", str(frames_dir), "--out", str(run), "--no-progress"]
     overrides = [*SMALL, f"model.sak.cache_dir={tmp / 'cache'}", "model.sak.video_stride=3", "train.epochs=2"]
-    assert main([*args, *overrides]) == 0
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("endostream").addHandler(handler)
+    try:
+        assert main([*args, *overrides]) == 0
+    finally:
+        logging.getLogger("endostream").removeHandler(handler)
+    (run / "cli-said.txt").write_text("\n".join(said))
     return run
 
 
@@ -231,6 +240,8 @@ def test_stage1_distils_on_frames_and_video(stage1_run: Path):
         keys = load_file(str(stage1_run / folder / "model.safetensors")).keys()
         assert not [k for k in keys if k.startswith(("teachers.", "heads.", "routers."))]
     assert (stage1_run / "last" / "trainer_state.pt").is_file()
+    done = (stage1_run / "cli-said.txt").read_text().splitlines()[-1]  # names what stage 2 starts from
+    assert "Rep Sim" in done and done.endswith(str(stage1_run / "best")), done
 
 
 def test_stage2_trains_from_stage1_and_evaluates(stage1_run: Path, synth_data: Path, tmp_path: Path):
