@@ -271,15 +271,17 @@ class Trainer:
                 else:
                     extra.backward(retain_graph=True)
             self.weighting.backward(weighted, self.shared_params, epoch)
-            # lambda * TA-LoRA's orthogonal regulariser (paper eq. 6), once per step, outside the task weighting;
-            # a constant zero for models without TA-LoRA.
+            average_gradients(self.params, self.ctx)
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+            # lambda * TA-LoRA's orthogonal regulariser (paper eq. 6), once per step, outside the task weighting and
+            # after the clip: from N(0,1) factors its gradient starts hundreds of times the task gradients', and
+            # clipping the sum would scale the task gradients of the whole model down with it. Every rank computes
+            # the same term from the same weights, so it needs no averaging. A constant zero without TA-LoRA.
             regularization = adapter_regularization(self.model)
             if regularization.requires_grad:
                 regularization.backward()
                 regularization_total = (regularization_total or 0.0) + float(regularization.detach())
-            average_gradients(self.params, self.ctx)
-            if self.cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             for task, loss in {**losses, **auxiliary}.items():

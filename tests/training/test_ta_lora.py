@@ -45,7 +45,7 @@ from training.layers.ta_lora import (
     ta_lora_parameter_count,
     uses_ta_lora,
 )
-from training.trainer import Trainer
+from training.trainer import Trainer, seed_everything
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,23 +200,23 @@ def test_merge_and_unload_gives_stacked_weights_that_load_strictly() -> None:
 
 
 def _reference_terms(layer: AdapterLinear) -> list[torch.Tensor]:
-    """||U1'U1 - I||_F, ||U2'U2 - I||_F, ||G_v'G_v - I||_F per slice v, written out directly."""
+    """Eq. 5's ||U1'U1 - I||_F^2, ||U2'U2 - I||_F^2, ||G_v'G_v - I||_F^2 per slice v, written out directly."""
     u1, u2, g = layer.ta_lora_U1, layer.ta_lora_U2, layer.ta_lora_G
     terms = [
-        torch.linalg.norm(u1.T @ u1 - torch.eye(u1.shape[1])),
-        torch.linalg.norm(u2.T @ u2 - torch.eye(u2.shape[1])),
+        torch.linalg.norm(u1.T @ u1 - torch.eye(u1.shape[1])) ** 2,
+        torch.linalg.norm(u2.T @ u2 - torch.eye(u2.shape[1])) ** 2,
     ]
-    terms += [torch.linalg.norm(g[:, :, v].T @ g[:, :, v] - torch.eye(g.shape[1])) for v in range(g.shape[2])]
+    terms += [torch.linalg.norm(g[:, :, v].T @ g[:, :, v] - torch.eye(g.shape[1])) ** 2 for v in range(g.shape[2])]
     return terms
 
 
-def test_orthogonal_regulariser_is_lambda_times_the_mean_over_slices_and_layers() -> None:
+def test_orthogonal_regulariser_is_lambda_times_eq5_averaged_over_layers() -> None:
     model, _ = build_ta(orth_weight=0.25, ta_lora_ranks=(4, 3, 2))
     layers = [layer for _, layer in iter_adapter_layers(model)]
-    terms = [term for layer in layers for term in _reference_terms(layer)]
-    assert len(terms) == len(layers) * (2 + 2)
+    per_layer = [torch.stack(_reference_terms(layer)).sum() for layer in layers]
+    assert all(len(_reference_terms(layer)) == 2 + 2 for layer in layers)
     value = adapter_regularization(model)
-    torch.testing.assert_close(value, 0.25 * torch.stack(terms).mean())
+    torch.testing.assert_close(value, 0.25 * torch.stack(per_layer).mean())
     torch.testing.assert_close(orthogonality_terms(layers[0]), torch.stack(_reference_terms(layers[0])))
     value.backward()
     assert all(layer.ta_lora_U3.grad is None for layer in layers)  # U3 is not regularised
@@ -277,6 +277,36 @@ def test_trainer_step_adds_the_regulariser_and_keeps_the_frozen_backbone(synth_d
     params = dict(backbone.named_parameters())
     assert all(torch.equal(params[n], value) for n, value in frozen.items())
     assert all(not torch.equal(params[n], value) for n, value in norms.items())
+
+
+class _StopBeforeStep(Exception):
+    pass
+
+
+def test_regulariser_gradient_is_added_after_the_task_gradients_are_clipped(synth_data: Path, tmp_path: Path) -> None:
+    """The clip sees the task gradients only: the heads get the same gradient with or without the regulariser."""
+
+    def first_step_head_grads(orth_weight: float) -> dict[str, torch.Tensor]:
+        overrides = [*TINY_OVERRIDES, f"data.root={synth_data}", "optim.grad_clip=0.01", "train.epochs=1"]
+        cfg = load_config("tiny_talora", [*overrides, f"model.adapters.orth_weight={orth_weight}"])
+        seed_everything(cfg.train.seed)
+        trainer = Trainer(cfg, tmp_path / str(orth_weight), init_distributed("cpu"), progress=False)
+        grads: dict[str, torch.Tensor] = {}
+
+        def record() -> None:
+            named = trainer.model.named_parameters()
+            grads.update({n: p.grad.clone() for n, p in named if n.startswith("heads.") and p.grad is not None})
+            raise _StopBeforeStep
+
+        trainer.optimizer.step = record  # type: ignore[method-assign]
+        with pytest.raises(_StopBeforeStep):
+            trainer.train_epoch(0)
+        return grads
+
+    with_regulariser, without = first_step_head_grads(1.0), first_step_head_grads(0.0)
+    assert with_regulariser.keys() == without.keys() and with_regulariser
+    for name, grad in without.items():
+        torch.testing.assert_close(with_regulariser[name], grad, msg=name)
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_p14", "clip_tiny", "sam_tiny"])

@@ -18,10 +18,11 @@ weights. The factors are plain parameters of the layer, `ta_lora_G`, `ta_lora_U1
 set for all tasks, hence no per-task ParameterDict). With row slices (e.g. q and v of a fused qkv) the adapted rows
 are taken together, k = slices x slice size.
 
-Orthogonal regulariser (`orthogonality_terms`): we follow the public code as MODEL_NOTES §3 records it, the mean of
-the Frobenius norms ||U1^T U1 - I||, ||U2^T U2 - I|| and ||G_v^T G_v - I|| (every slice v of the last mode) over
-slices and layers, weighted by lambda (1) and added once per step; U3 is not regularised. The paper's eq. 5 writes
-the sum of squared norms instead.
+Orthogonal regulariser (`orthogonal_regularization`): the paper's eq. 5 per layer, R = ||U1^T U1 - I||_F^2 +
+||U2^T U2 - I||_F^2 + sum_v ||G_v^T G_v - I||_F^2 (every slice v of the last mode; U3 is not regularised), averaged
+over the adapted layers so lambda means the same at any depth, weighted by lambda (1) and added once per step. The
+public code takes the mean of the unsquared norms instead (MODEL_NOTES §3); we follow the paper. From N(0,1) factors
+the term starts large, so the trainer adds its gradient after clipping the task gradients.
 """
 
 from __future__ import annotations
@@ -139,25 +140,25 @@ def uses_ta_lora(layer: nn.Module) -> bool:
 
 
 def _gram_gap(matrices: Tensor) -> Tensor:
-    """||M^T M - I||_F for M (..., n, r): one norm per leading index."""
+    """||M^T M - I||_F^2 for M (..., n, r): one value per leading index."""
     gram = matrices.transpose(-2, -1) @ matrices  # ... r r
     eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-    return torch.linalg.matrix_norm(gram - eye)
+    return (gram - eye).square().sum(dim=(-2, -1))
 
 
 def orthogonality_terms(layer: AdapterLinear) -> Tensor:
-    """The regulariser's terms of one layer, in fp32: [U1 gap, U2 gap, G_1 gap, ..., G_R3 gap] (2 + R3)."""
+    """Eq. 5's terms of one layer, in fp32: [U1 gap, U2 gap, G_1 gap, ..., G_R3 gap] (2 + R3 squared norms)."""
     u1, u2, core = (getattr(layer, name).float() for name in ("ta_lora_U1", "ta_lora_U2", "ta_lora_G"))
     slices = core.permute(2, 0, 1)  # R3 R1 R2: G_v = G[:, :, v]
     return torch.cat([_gram_gap(u1).reshape(1), _gram_gap(u2).reshape(1), _gram_gap(slices)])
 
 
 def orthogonal_regularization(layers: Iterable[AdapterLinear]) -> Tensor:
-    """Mean of `orthogonality_terms` over all slices and layers (unweighted); a zero tensor for no layers."""
-    terms = [orthogonality_terms(layer) for layer in layers]
-    if not terms:
+    """Eq. 5 (the sum of `orthogonality_terms`) averaged over layers (unweighted); a zero tensor for no layers."""
+    per_layer = [orthogonality_terms(layer).sum() for layer in layers]
+    if not per_layer:
         return torch.zeros(())
-    return torch.cat(terms).mean()
+    return torch.stack(per_layer).mean()
 
 
 def ta_lora_parameter_count(in_features: int, out_features: int, tasks: int, ranks: Sequence[int]) -> int:
