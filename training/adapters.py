@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from training.layers.adapter_variants import SHARED_ADAPTER
 from training.layers.lora import AdapterLinear, TaskLinear, select_tasks
-from training.layers.ta_lora import TA_LORA_ADAPTER, check_ranks, orthogonal_regularization, uses_ta_lora
+from training.layers.ta_lora import (
+    TA_LORA_ADAPTER,
+    OrthPenalty,
+    check_ranks,
+    orthogonal_regularization,
+    uses_ta_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,9 @@ class AdapterConfig:
     orth_weight: float = field(
         default=1.0, metadata={"help": "lambda of TA-LoRA's orthogonal regulariser, once per step (0 = off)"}
     )
+    orth_penalty: OrthPenalty = field(
+        default="norm", metadata={"help": "its gaps as norms (public code) or squared norms (paper eq. 5 as printed)"}
+    )
     tune_layernorm: bool = field(
         default=False, metadata={"help": "also train the LayerNorm scales and biases of the adapted model"}
     )
@@ -97,6 +106,8 @@ class AdapterConfig:
             raise ValueError(f"ta_lora_scaling={self.ta_lora_scaling!r} must be positive (the paper uses 0.5)")
         if not 0 <= self.orth_weight < float("inf"):
             raise ValueError(f"orth_weight={self.orth_weight!r} must be a finite number >= 0 (the paper uses 1)")
+        if self.orth_penalty not in get_args(OrthPenalty):
+            raise ValueError(f"orth_penalty={self.orth_penalty!r} must be one of {list(get_args(OrthPenalty))}")
         if not isinstance(self.tune_layernorm, bool):
             raise ValueError(f"tune_layernorm={self.tune_layernorm!r} must be true or false")
         if self.kind == "ta_lora":
@@ -207,7 +218,7 @@ def adapter_regularization(model: nn.Module) -> Tensor:
     for module, config in recorded_configs(model):
         layers = [layer for _, layer in iter_adapter_layers(module) if uses_ta_lora(layer)]
         if config.kind == "ta_lora" and config.orth_weight > 0 and layers:
-            terms.append(config.orth_weight * orthogonal_regularization(layers))
+            terms.append(config.orth_weight * orthogonal_regularization(layers, config.orth_penalty))
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 

@@ -51,6 +51,9 @@ class AdapterSection:
     ta_lora_ranks: tuple[int, int, int] = field(default=(32, 32, 4), metadata={"help": "TA-LoRA (R1, R2, R3)"})
     ta_lora_scaling: float = field(default=0.5, metadata={"help": "TA-LoRA: task t adds scaling * its update"})
     orth_weight: float = field(default=1.0, metadata={"help": "lambda of TA-LoRA's orthogonal regulariser"})
+    orth_penalty: Literal["norm", "squared"] = field(
+        default="norm", metadata={"help": "regulariser gaps: norm (public code) or squared (paper eq. 5 as printed)"}
+    )
     tune_layernorm: bool = field(default=False, metadata={"help": "also train the backbone's LayerNorms"})
 
 

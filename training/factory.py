@@ -43,6 +43,7 @@ def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig
         ta_lora_ranks=tuple(section.ta_lora_ranks),
         ta_lora_scaling=section.ta_lora_scaling,
         orth_weight=section.orth_weight,
+        orth_penalty=section.orth_penalty,
         tune_layernorm=section.tune_layernorm,
     )
 

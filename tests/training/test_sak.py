@@ -209,13 +209,17 @@ def stage1_run(frames_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     args = ["train", "--config", "tiny_sak_stage1", "--data", str(frames_dir), "--out", str(run), "--no-progress"]
     overrides = [*SMALL, f"model.sak.cache_dir={tmp / 'cache'}", "model.sak.video_stride=3", "train.epochs=2"]
     said: list[str] = []
-    handler = logging.Handler()
+    handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("endostream").addHandler(handler)
+    cli_logger = logging.getLogger("endostream")
+    level = cli_logger.level
+    cli_logger.addHandler(handler)
+    cli_logger.setLevel(logging.INFO)
     try:
         assert main([*args, *overrides]) == 0
     finally:
-        logging.getLogger("endostream").removeHandler(handler)
+        cli_logger.removeHandler(handler)
+        cli_logger.setLevel(level)
     (run / "cli-said.txt").write_text("\n".join(said))
     return run
 

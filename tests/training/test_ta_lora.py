@@ -200,24 +200,29 @@ def test_merge_and_unload_gives_stacked_weights_that_load_strictly() -> None:
 
 
 def _reference_terms(layer: AdapterLinear) -> list[torch.Tensor]:
-    """Eq. 5's ||U1'U1 - I||_F^2, ||U2'U2 - I||_F^2, ||G_v'G_v - I||_F^2 per slice v, written out directly."""
+    """||U1'U1 - I||_F, ||U2'U2 - I||_F, ||G_v'G_v - I||_F per slice v, written out directly."""
     u1, u2, g = layer.ta_lora_U1, layer.ta_lora_U2, layer.ta_lora_G
     terms = [
-        torch.linalg.norm(u1.T @ u1 - torch.eye(u1.shape[1])) ** 2,
-        torch.linalg.norm(u2.T @ u2 - torch.eye(u2.shape[1])) ** 2,
+        torch.linalg.norm(u1.T @ u1 - torch.eye(u1.shape[1])),
+        torch.linalg.norm(u2.T @ u2 - torch.eye(u2.shape[1])),
     ]
-    terms += [torch.linalg.norm(g[:, :, v].T @ g[:, :, v] - torch.eye(g.shape[1])) ** 2 for v in range(g.shape[2])]
+    terms += [torch.linalg.norm(g[:, :, v].T @ g[:, :, v] - torch.eye(g.shape[1])) for v in range(g.shape[2])]
     return terms
 
 
-def test_orthogonal_regulariser_is_lambda_times_eq5_averaged_over_layers() -> None:
-    model, _ = build_ta(orth_weight=0.25, ta_lora_ranks=(4, 3, 2))
+@pytest.mark.parametrize("penalty", ["norm", "squared"])
+def test_orthogonal_regulariser_is_lambda_times_the_code_or_the_paper_form(penalty: str) -> None:
+    model, _ = build_ta(orth_weight=0.25, ta_lora_ranks=(4, 3, 2), orth_penalty=penalty)
     layers = [layer for _, layer in iter_adapter_layers(model)]
-    per_layer = [torch.stack(_reference_terms(layer)).sum() for layer in layers]
     assert all(len(_reference_terms(layer)) == 2 + 2 for layer in layers)
+    if penalty == "norm":  # public code: the mean of the norms over slices and layers
+        expected = torch.stack([term for layer in layers for term in _reference_terms(layer)]).mean()
+    else:  # paper eq. 5 per layer (sum of squared norms), averaged over layers
+        expected = torch.stack([torch.stack(_reference_terms(layer)).square().sum() for layer in layers]).mean()
     value = adapter_regularization(model)
-    torch.testing.assert_close(value, 0.25 * torch.stack(per_layer).mean())
-    torch.testing.assert_close(orthogonality_terms(layers[0]), torch.stack(_reference_terms(layers[0])))
+    torch.testing.assert_close(value, 0.25 * expected)
+    norms = torch.stack(_reference_terms(layers[0]))
+    torch.testing.assert_close(orthogonality_terms(layers[0], penalty), norms if penalty == "norm" else norms**2)
     value.backward()
     assert all(layer.ta_lora_U3.grad is None for layer in layers)  # U3 is not regularised
     assert all(torch.count_nonzero(layer.ta_lora_G.grad) > 0 for layer in layers)
@@ -364,6 +369,7 @@ CONFIG_ERRORS = [
     ({"kind": "ta_lora", "ta_lora_scaling": 0.0}, "ta_lora_scaling=0.0"),
     ({"kind": "ta_lora", "orth_weight": -1.0}, "orth_weight=-1.0"),
     ({"kind": "ta_lora", "orth_weight": float("nan")}, "orth_weight=nan"),
+    ({"kind": "ta_lora", "orth_penalty": "l1"}, "orth_penalty='l1'"),
     ({"kind": "ta_lora", "tune_layernorm": "yes"}, "tune_layernorm='yes'"),
     ({"kind": "ta_lora", "tasks": ("seg", "ta_lora")}, "'ta_lora'"),
 ]
