@@ -288,12 +288,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--json", type=Path, required=True, help="where the results go")
     stream.set_defaults(func=_run_bench_stream)
     training = bench_sub.add_parser("train", help="training cost of BDTA + MoTE vs LoRA + TESLA on the same backbone")
-    training.add_argument("--bdta-config", default="bdta_vits14", help="BDTA config (default bdta_vits14)")
-    training.add_argument("--lora-config", default="endoarss_vits14", help="LoRA config (default endoarss_vits14)")
+    training.add_argument(
+        "--config", "--bdta-config", dest="bdta_config", default="bdta_vits14", help="BDTA config (default bdta_vits14)"
+    )
+    training.add_argument(
+        "--vs", "--lora-config", dest="lora_config", default="endoarss_vits14", help="LoRA config (endoarss family)"
+    )
     training.add_argument("--batch-size", type=int, default=8)
     training.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     training.add_argument("--warmup", type=int, default=1)
-    training.add_argument("--device", default="cpu", help="cpu or cuda (CUDA adds peak allocated memory)")
+    training.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: CUDA allocator / child RSS)")
     training.add_argument("--json", type=Path, required=True, help="where the results go")
     training.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both configs")
     training.set_defaults(func=_run_bench_train)
@@ -367,9 +371,9 @@ def _run_bench_stream(args: argparse.Namespace) -> int:
 def _run_bench_train(args: argparse.Namespace) -> int:
     import json
 
-    from training.build_bdta import bench_bdta_memory
+    from training.train_cost import bench_train_cost
 
-    report = bench_bdta_memory(
+    report = bench_train_cost(
         bdta_config=args.bdta_config,
         lora_config=args.lora_config,
         overrides=args.overrides,

@@ -1,25 +1,19 @@
-"""Build the BDTA + MoTE family (`model.family: bdta`) from a typed config, and measure its training cost.
+"""Build the BDTA + MoTE family (`model.family: bdta`) from a typed config.
 
-`build` is registered in `training.factory.FAMILIES`. `bench_bdta_memory` is the paper's efficiency claim (section
-3.4, Table 2: ~30 % of the parameters, ~50 % of the memory, ~60 % of the training time of LoRA-style multi-task
-PEFT) as a measurement on our backbones: the same frozen ViT, batch and heads, once with the BDTA bypass and once
-with EndoARSS's shared LoRA + TESLA adapters inside the backbone.
+`build` is registered in `training.factory.FAMILIES`; the family's training-cost claim is measured by
+`training.train_cost` (`endostream bench train`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from training.backbones import build_backbone
-from training.config import ModelConfig, load_config
+from training.config import ModelConfig
 from training.factory import build_task_heads, check_image_size
 from training.layers.bdta import BDTA
 from training.layers.mote import MoTE
@@ -100,162 +94,3 @@ def build(
         pixel_mean=tuple(cfg.pixel_mean),
         pixel_std=tuple(cfg.pixel_std),
     )
-
-
-# ---------------------------------------------------------------------------------------------------- measurement
-
-
-def _saved_activation_bytes(model: nn.Module, run: Any) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward while `run()` executes, weights excluded.
-
-    This is the activation memory the paper's section 3.4 is about (a CPU stand-in for the peak GPU memory of a
-    training step, whose other parts — weights, gradients, optimiser state — are counted by the parameter figures).
-    """
-    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(seen.values())
-
-
-def _training_step(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
-    """One AdamW step of `model` on `batch` with equal-weight task losses, as a closure."""
-    from training.trainer import task_losses  # the trainer imports the factory, which lazily imports this module
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        losses = task_losses(model, model(batch["image"]), batch)
-        optimizer.zero_grad(set_to_none=True)
-        torch.stack(list(losses.values())).sum().backward()
-        optimizer.step()
-
-    return step
-
-
-def _timed(step: Callable[[], None], device: torch.device) -> float:
-    started = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
-def _peak_cuda_mib(step: Callable[[], None], device: torch.device) -> float:
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def bench_bdta_memory(
-    *,
-    bdta_config: str = "bdta_vits14",
-    lora_config: str = "endoarss_vits14",
-    overrides: Sequence[str] = (),
-    batch_size: int = 8,
-    steps: int = 3,
-    warmup: int = 1,
-    lora_sma: bool = False,
-    device: str = "cpu",
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Training cost of BDTA + MoTE against EndoARSS's LoRA + TESLA on the same frozen backbone, batch and heads.
-
-    Both models are built with random weights (nothing is read from disk); `overrides` (`key=value`, as on the
-    command line) apply to both, and the LoRA model takes the BDTA config's backbone, image size and heads so only
-    the adaptation differs. Each model runs `warmup` + `steps` AdamW steps on one random uint8 batch (equal-weight
-    cross-entropy, the trainer's `task_losses`).
-
-    Args:
-        bdta_config: config name or path of the BDTA model.
-        lora_config: config name or path of the LoRA model (family endoarss).
-        overrides: `key=value` overrides for both configs (e.g. `model.image_size=[112, 112]`).
-        batch_size: images per step.
-        steps: timed steps (the median is reported).
-        warmup: untimed steps before them.
-        lora_sma: keep EndoARSS's SMA in the LoRA model (False compares the adapter topologies alone).
-        device: "cpu" or a CUDA device (adds peak allocated memory).
-        seed: seed of the weights and the batch.
-
-    Returns:
-        {"setup": ..., "bdta": figures, "lora": figures, "ratio": bdta / lora for each figure}; figures are
-        trainable_params, adaptation_params (trainable minus heads), total_params, step_seconds (median),
-        step_seconds_min, saved_activation_mib (tensors kept for backward, weights excluded) and, on CUDA,
-        peak_memory_mib.
-    """
-    from training.data.writer import synth_labels
-    from training.factory import build_model
-    from training.trainer import task_losses
-
-    bdta_cfg = load_config(bdta_config, list(overrides)).model
-    lora_cfg = load_config(lora_config, list(overrides)).model
-    if bdta_cfg.family != "bdta" or lora_cfg.family != "endoarss":
-        raise ValueError(f"compare a bdta config with an endoarss one, got {bdta_cfg.family} and {lora_cfg.family}")
-    lora_cfg.backbone = copy.deepcopy(bdta_cfg.backbone)  # frozen, as the bdta builder requires
-    lora_cfg.image_size, lora_cfg.heads = bdta_cfg.image_size, copy.deepcopy(bdta_cfg.heads)
-    lora_cfg.sma.enabled = lora_sma
-    tasks = synth_labels({}).to_dict()["tasks"]
-    target = torch.device(device)
-    height, width = bdta_cfg.image_size
-    generator = torch.Generator().manual_seed(seed)
-    batch = {
-        "image": torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator),
-        "activity": torch.randint(0, 2, (batch_size,), generator=generator),
-        "mask": torch.randint(0, 2, (batch_size, height, width), generator=generator),
-    }
-    batch = {k: v.to(target) for k, v in batch.items()}
-    models, steps_of, figures = {}, {}, {}
-    for name, cfg in (("bdta", bdta_cfg), ("lora", lora_cfg)):
-        torch.manual_seed(seed)
-        models[name] = model = build_model(cfg, tasks, load_backbone_weights=False).to(target).train()
-        steps_of[name] = _training_step(model, batch)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        heads = sum(p.numel() for p in model.heads.parameters() if p.requires_grad)
-        saved = _saved_activation_bytes(model, lambda m=model: task_losses(m, m(batch["image"]), batch))
-        figures[name] = {
-            "trainable_params": trainable,
-            "adaptation_params": trainable - heads,  # trainable, heads excluded (BDTA + MoTE, or LoRA + TESLA)
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "saved_activation_mib": saved / 2**20,
-        }
-    for _ in range(warmup):
-        for step in steps_of.values():
-            step()
-    # Interleaved (one step of each model per round), so load from other processes hits both alike.
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(steps):
-        for name, step in steps_of.items():
-            times[name].append(_timed(step, target))
-    for name, step in steps_of.items():
-        figures[name]["step_seconds"] = statistics.median(times[name])
-        figures[name]["step_seconds_min"] = min(times[name])
-        figures[name]["step_seconds_all"] = [round(t, 4) for t in times[name]]
-        if target.type == "cuda":
-            figures[name]["peak_memory_mib"] = _peak_cuda_mib(step, target)
-        logger.info("bench %s: %s", name, {k: v for k, v in figures[name].items() if k != "step_seconds_all"})
-    numeric = [k for k, v in figures["bdta"].items() if isinstance(v, int | float) and k in figures["lora"]]
-    return {
-        "setup": {
-            "backbone": bdta_cfg.backbone.name,
-            "backbone_overrides": dict(bdta_cfg.backbone.overrides),
-            "image_size": list(bdta_cfg.image_size),
-            "batch_size": batch_size,
-            "steps": steps,
-            "device": str(target),
-            "threads": torch.get_num_threads(),
-            "lora": {"shared_rank": lora_cfg.adapters.shared_rank, "task_rank": lora_cfg.adapters.task_rank},
-            "lora_sma": lora_sma,
-        },
-        **figures,
-        "ratio": {k: figures["bdta"][k] / figures["lora"][k] for k in numeric if figures["lora"][k]},
-    }

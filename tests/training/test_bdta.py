@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from endostream.cli import main
 from tests.training.conftest import TINY_OVERRIDES
-from training.build_bdta import bench_bdta_memory
 from training.checkpoint import load_checkpoint
 from training.config import load_config
 from training.evaluate import run_evaluation
@@ -234,15 +234,20 @@ def test_training_run_checkpoints_and_eval(run_dir: Path, synth_data: Path, tmp_
     assert json.loads((tmp_path / "eval.json").read_text())["meta"]["merged"] is True
 
 
-def test_bench_reports_both_models_and_ratios():
-    report = bench_bdta_memory(bdta_config="tiny_bdta", overrides=SMALL, batch_size=2, steps=1, warmup=0)
+def test_bench_train_reports_both_models_and_ratios(tmp_path: Path):
+    out = tmp_path / "train.json"
+    args = ["bench", "train", "--config", "tiny_bdta", "--vs", "endoarss_vits14", "--batch-size", "2", "--steps", "1"]
+    assert main([*args, "--warmup", "0", "--json", str(out), *SMALL]) == 0
+    report = json.loads(out.read_text())
     assert report["setup"]["backbone"] == "vit_tiny_p8" and report["setup"]["image_size"] == [32, 48]
     for name in ("bdta", "lora"):
         figures = report[name]
         assert figures["trainable_params"] > 0 and figures["step_seconds"] > 0
         assert figures["saved_activation_mib"] > 0 and len(figures["step_seconds_all"]) == 1
+        assert 0 < figures["peak_step_memory_mib"] < figures["peak_memory_mib"]  # measured in a child process
     ratio = report["ratio"]
     assert set(ratio) >= {"trainable_params", "adaptation_params", "step_seconds", "saved_activation_mib"}
+    assert {"peak_memory_mib", "peak_step_memory_mib"} <= set(ratio)
     assert report["bdta"]["adaptation_params"] < report["bdta"]["trainable_params"]
     assert ratio["trainable_params"] == pytest.approx(
         report["bdta"]["trainable_params"] / report["lora"]["trainable_params"]
