@@ -275,9 +275,10 @@ class Trainer:
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
             # lambda * TA-LoRA's orthogonal regulariser (paper eq. 6), once per step, outside the task weighting and
-            # after the clip: from N(0,1) factors its gradient starts hundreds of times the task gradients', and
-            # clipping the sum would scale the task gradients of the whole model down with it. Every rank computes
-            # the same term from the same weights, so it needs no averaging. A constant zero without TA-LoRA.
+            # after the clip: from N(0,1) factors its gradient is about half the task gradients' (orth_penalty=norm)
+            # or hundreds of times them (squared), and clipping the sum would scale the task gradients of the whole
+            # model down with it. Every rank computes the same term from the same weights, so it needs no averaging.
+            # A constant zero without TA-LoRA.
             regularization = adapter_regularization(self.model)
             if regularization.requires_grad:
                 regularization.backward()
