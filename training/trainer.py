@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ class TrainResult:
     best_score: float
     best_metrics: dict[str, Any]
     epochs_run: int
-    seconds: float
+    seconds: float  # wall time of the run, model building (and SAK's teacher pass) included
     checkpoint: Path  # the folder to use next: RUN/best-merged (to eval/export), RUN/best after SAK stage 1
 
     def summary(self) -> str:
@@ -378,9 +378,11 @@ def train(
         from training.build_sak import train_stage1  # distillation only, on unlabeled frames: no labels, no tasks
 
         return train_stage1(cfg, run_dir, resume=resume, device=device, progress=progress)
+    started = time.perf_counter()
     ctx = init_distributed(device)
     seed_everything(cfg.train.seed)
-    trainer = Trainer(cfg, run_dir, ctx, progress=progress)
+    trainer = Trainer(cfg, run_dir, ctx, progress=progress)  # builds the model: SAK's teacher pass runs here
     if resume:
         trainer.resume()
-    return trainer.fit()
+    result = trainer.fit()
+    return replace(result, seconds=time.perf_counter() - started)  # the whole run, set-up included
