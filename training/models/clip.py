@@ -32,6 +32,7 @@ from training.layers.block import Block
 from training.layers.mlp import Mlp
 from training.layers.patch_embed import PatchEmbed
 from training.layers.pos_embed import resample_pos_embed
+from training.models.token_grid import block_outputs, init_linear_layers, patch_grid, take_block_indices
 
 # OpenAI `clip/clip.py` `_transform`, in 0-255 units.
 CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
@@ -150,31 +151,15 @@ class CLIPVisionTransformer(nn.Module):
         scale = self.embed_dim**-0.5
         nn.init.normal_(self.cls_token, std=scale)
         nn.init.normal_(self.pos_embed, std=scale)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linear_layers(self)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names conventionally excluded from weight decay."""
         return {"pos_embed", "cls_token"}
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid (rows, cols) of an input of `height` x `width` pixels.
-
-        Raises:
-            ValueError: if a side is not a positive multiple of the patch size (the message names the nearest sizes).
-        """
-        p = self.patch_size
-        if height % p or width % p or height < p or width < p:
-            lower = (max(height // p, 1) * p, max(width // p, 1) * p)
-            upper = (-(-height // p) * p, -(-width // p) * p)
-            raise ValueError(
-                f"input size {height}x{width} is not a multiple of the patch size {p}; "
-                f"nearest valid sizes: {lower[0]}x{lower[1]} or {upper[0]}x{upper[1]} (resize or crop the input)"
-            )
-        return height // p, width // p
+        """Token grid (rows, cols) of an input of `height` x `width` pixels (`token_grid.patch_grid`)."""
+        return patch_grid(height, width, self.patch_size)
 
     def interpolate_pos_encoding(self, grid: tuple[int, int]) -> Tensor:
         """Position embedding (1 (1 + h*w) D) for a token grid: bicubic by size, no antialiasing."""
@@ -228,31 +213,19 @@ class CLIPVisionTransformer(nn.Module):
             reshape: return B D h w maps instead of B N D tokens.
             return_prefix_tokens: also return each block's B 1 D class token, as (patches, prefix) pairs.
         """
-        depth = len(self.blocks)
-        if isinstance(indices, int):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices} asks for the last {indices} blocks; this model has {depth}")
-            take = list(range(depth - indices, depth))
-        else:
-            bad = [i for i in indices if not -depth <= i < depth]
-            if bad:
-                raise ValueError(f"block indices {bad} are out of range for {depth} blocks")
-            take = sorted({i % depth for i in indices})
+        take = take_block_indices(indices, len(self.blocks))
         grid = self.grid_size(x.shape[-2], x.shape[-1])
         tokens = self.prepare_tokens(x)
-        outputs: list[Tensor] = []
-        for index, block in enumerate(self.blocks[: take[-1] + 1]):
-            tokens = block(tokens)
-            if index in take:
-                outputs.append(self.norm(tokens) if norm else tokens)
-        prefixes = [out[:, :1] for out in outputs]
-        patches = [out[:, 1:] for out in outputs]
-        if reshape:
-            # B N D -> B D h w
-            patches = [p.reshape(p.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for p in patches]
-        if return_prefix_tokens:
-            return list(zip(patches, prefixes, strict=True))
-        return patches
+        return block_outputs(
+            self.blocks,
+            tokens,
+            take,
+            self.norm if norm else None,
+            num_prefix_tokens=1,
+            grid=grid,
+            reshape=reshape,
+            return_prefix_tokens=return_prefix_tokens,
+        )
 
     def forward_head(self, features: dict[str, Any], pre_logits: bool = False) -> Tensor:
         """Projected image embedding (B output_dim), or the pooled output (B D) with `pre_logits`."""

@@ -28,6 +28,7 @@ from training.layers.mlp import Mlp
 from training.layers.patch_embed import PatchEmbed
 from training.layers.pos_embed import resample_pos_embed
 from training.layers.windowed_attention import RelPosAttention, window_partition, window_unpartition
+from training.models.token_grid import init_linear_layers, patch_grid, take_block_indices
 
 # SAM `build_sam.py`: the normalisation the released checkpoints were trained with (RGB, 0-255 units).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -219,31 +220,15 @@ class SamImageEncoder(nn.Module):
         """trunc-normal(0.02) position embedding and Linear weights, zero relative tables (a fresh SAM/ViTDet)."""
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linear_layers(self)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names conventionally excluded from weight decay."""
         return {"pos_embed"}
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid (rows, cols) of an input of `height` x `width` pixels.
-
-        Raises:
-            ValueError: if a side is not a positive multiple of the patch size (the message names the nearest sizes).
-        """
-        p = self.patch_size
-        if height % p or width % p or height < p or width < p:
-            lower = (max(height // p, 1) * p, max(width // p, 1) * p)
-            upper = (-(-height // p) * p, -(-width // p) * p)
-            raise ValueError(
-                f"input size {height}x{width} is not a multiple of the patch size {p}; "
-                f"nearest valid sizes: {lower[0]}x{lower[1]} or {upper[0]}x{upper[1]} (resize or pad the input)"
-            )
-        return height // p, width // p
+        """Token grid (rows, cols) of an input of `height` x `width` pixels (`token_grid.patch_grid`)."""
+        return patch_grid(height, width, self.patch_size, fix="pad")
 
     def interpolate_pos_encoding(self, grid: tuple[int, int]) -> Tensor:
         """Absolute position embedding (1 h w D) for a token grid; bicubic by size when the grid differs."""
@@ -288,16 +273,7 @@ class SamImageEncoder(nn.Module):
             x: B 3 H W image.
             indices: n = the last n blocks, or a list of block indices (negative counts from the end).
         """
-        depth = len(self.blocks)
-        if isinstance(indices, int):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices} asks for the last {indices} blocks; this model has {depth}")
-            take = list(range(depth - indices, depth))
-        else:
-            bad = [i for i in indices if not -depth <= i < depth]
-            if bad:
-                raise ValueError(f"block indices {bad} are out of range for {depth} blocks")
-            take = sorted({i % depth for i in indices})
+        take = take_block_indices(indices, len(self.blocks))
         tokens = self.prepare_tokens(x)
         outputs = []
         for index, block in enumerate(self.blocks[: take[-1] + 1]):

@@ -29,6 +29,7 @@ from training.layers.layer_scale import LayerScale
 from training.layers.mlp import Mlp, SwiGLUFFN, swiglu_hidden_features
 from training.layers.patch_embed import PatchEmbed
 from training.layers.pos_embed import resample_pos_embed
+from training.models.token_grid import block_outputs, init_linear_layers, patch_grid, take_block_indices
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +181,9 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
+        init_linear_layers(self)
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, LayerScale):
+            if isinstance(module, LayerScale):
                 module.reset_parameters()
 
     def no_weight_decay(self) -> set[str]:
@@ -193,21 +191,8 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "register_tokens"}
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid (rows, cols) of an input of `height` x `width` pixels.
-
-        Raises:
-            ValueError: if a side is not a positive multiple of the patch size (the message names the nearest
-                valid sizes).
-        """
-        p = self.patch_size
-        if height % p or width % p or height < p or width < p:
-            lower = (max(height // p, 1) * p, max(width // p, 1) * p)
-            upper = (-(-height // p) * p, -(-width // p) * p)
-            raise ValueError(
-                f"input size {height}x{width} is not a multiple of the patch size {p}; "
-                f"nearest valid sizes: {lower[0]}x{lower[1]} or {upper[0]}x{upper[1]} (resize or crop the input)"
-            )
-        return height // p, width // p
+        """Token grid (rows, cols) of an input of `height` x `width` pixels (`token_grid.patch_grid`)."""
+        return patch_grid(height, width, self.patch_size)
 
     def _load_from_state_dict(
         self,
@@ -268,19 +253,6 @@ class VisionTransformer(nn.Module):
             "grid_size": grid,
         }
 
-    def _take_indices(self, indices: int | Sequence[int]) -> list[int]:
-        depth = len(self.blocks)
-        if isinstance(indices, int):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices} asks for the last {indices} blocks; this model has {depth}")
-            return list(range(depth - indices, depth))
-        taken = []
-        for index in indices:
-            if not -depth <= index < depth:
-                raise ValueError(f"block index {index} is out of range for {depth} blocks")
-            taken.append(index % depth)
-        return sorted(set(taken))
-
     def forward_intermediates(
         self,
         x: Tensor,
@@ -300,22 +272,19 @@ class VisionTransformer(nn.Module):
             reshape: return B D h w maps instead of B N D tokens.
             return_prefix_tokens: also return each block's B (1 + R) D prefix tokens, as (patches, prefix) pairs.
         """
-        take = self._take_indices(indices)
+        take = take_block_indices(indices, len(self.blocks))
         grid = self.grid_size(x.shape[-2], x.shape[-1])
         tokens = self.prepare_tokens(x)
-        outputs: list[Tensor] = []
-        for index, block in enumerate(self.blocks[: take[-1] + 1]):
-            tokens = block(tokens)
-            if index in take:
-                outputs.append(self.norm(tokens) if norm else tokens)
-        prefixes = [out[:, : self.num_prefix_tokens] for out in outputs]
-        patches = [out[:, self.num_prefix_tokens :] for out in outputs]
-        if reshape:
-            # B N D -> B D h w
-            patches = [p.reshape(p.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for p in patches]
-        if return_prefix_tokens:
-            return list(zip(patches, prefixes, strict=True))
-        return patches
+        return block_outputs(
+            self.blocks,
+            tokens,
+            take,
+            self.norm if norm else None,
+            num_prefix_tokens=self.num_prefix_tokens,
+            grid=grid,
+            reshape=reshape,
+            return_prefix_tokens=return_prefix_tokens,
+        )
 
     def forward_head(self, features: dict[str, Any], pre_logits: bool = False) -> Tensor:
         """cls token (B D), through the head unless `pre_logits`."""
