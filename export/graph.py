@@ -61,21 +61,6 @@ def select_graph_tasks(model: EndoARSS, tasks: Sequence[str] | None) -> tuple[st
     return tuple(t for t in model.tasks if t in tasks)
 
 
-def pin_position_grid(model: EndoARSS, height: int, width: int) -> None:
-    """Store the position table resampled for a fixed `height` x `width` input, in place.
-
-    The graph then adds a constant instead of resampling the table (a bicubic Resize) on every call; the values are
-    exactly those the dynamic path computes for this size.
-    """
-    backbone = model.backbone
-    grid = backbone.grid_size(height, width)
-    with torch.no_grad():
-        table = backbone.interpolate_pos_encoding(grid)
-    backbone.pos_embed = nn.Parameter(table.detach().clone(), requires_grad=False)
-    backbone.pos_grid = grid
-    backbone.img_size = (height, width)
-
-
 def prepare_for_export(model: EndoARSS, height: int, width: int, *, merged: bool) -> EndoARSS:
     """An inference copy of `model` for a fixed input size: adapters folded, position grid pinned, eval mode.
 
@@ -88,7 +73,7 @@ def prepare_for_export(model: EndoARSS, height: int, width: int, *, merged: bool
     if isinstance(model, ExportableModel):  # families with their own inference form (see the protocol)
         return model.inference_copy(height, width).eval().requires_grad_(False)
     prepared = copy.deepcopy(model if merged else merged_copy(model))
-    pin_position_grid(prepared, height, width)
+    prepared.backbone.pin_input_size(height, width)
     for param in prepared.parameters():
         param.requires_grad_(False)
     return prepared.eval()

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from training.layers.mote import MoTE
+from training.models.heads import run_task_heads
 
 
 def evenly_spaced_blocks(depth: int, stages: int) -> tuple[int, ...]:
@@ -155,12 +156,7 @@ class BDTAMoTE(nn.Module):
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
         features = self.forward_features(images, tasks)
-        size = (images.shape[-2], images.shape[-1])
-        out: dict[str, Tensor] = {}
-        for task, feature in features.items():
-            head = self.heads[task]
-            out[task] = head(feature, output_size=size) if self.task_kinds[task] == "segmentation" else head(feature)
-        return out
+        return run_task_heads(self.heads, self.task_kinds, features, (images.shape[-2], images.shape[-1]))
 
     def task_parameter_names(self) -> dict[str, list[str]]:
         """Names of parameters kept per task: its head, G2T/T2G bottlenecks, MoTE reduce, router, gamma, fusion.
@@ -185,16 +181,5 @@ class BDTAMoTE(nn.Module):
         """
         inference = copy.deepcopy(self)
         inference.mote.drop_noise()
-        _pin_position_grid(inference.backbone, height, width)
+        inference.backbone.pin_input_size(height, width)
         return inference.requires_grad_(False).eval()
-
-
-def _pin_position_grid(backbone: nn.Module, height: int, width: int) -> None:
-    """Store the position table resampled for `height` x `width`, in place (what `export.graph.pin_position_grid`
-    does for EndoARSS; repeated here because training/ never imports export/, see shared/STYLE.md §1)."""
-    grid = backbone.grid_size(height, width)
-    with torch.no_grad():
-        table = backbone.interpolate_pos_encoding(grid)
-    backbone.pos_embed = nn.Parameter(table.detach().clone(), requires_grad=False)
-    backbone.pos_grid = grid
-    backbone.img_size = (height, width)

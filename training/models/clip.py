@@ -32,7 +32,13 @@ from training.layers.block import Block
 from training.layers.mlp import Mlp
 from training.layers.patch_embed import PatchEmbed
 from training.layers.pos_embed import resample_pos_embed
-from training.models.token_grid import block_outputs, init_linear_layers, patch_grid, take_block_indices
+from training.models.token_grid import (
+    block_outputs,
+    init_linear_layers,
+    patch_grid,
+    pin_position_table,
+    take_block_indices,
+)
 
 # OpenAI `clip/clip.py` `_transform`, in 0-255 units.
 CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
@@ -164,6 +170,10 @@ class CLIPVisionTransformer(nn.Module):
     def interpolate_pos_encoding(self, grid: tuple[int, int]) -> Tensor:
         """Position embedding (1 (1 + h*w) D) for a token grid: bicubic by size, no antialiasing."""
         return resample_pos_embed(self.pos_embed, grid, self.pos_grid, num_prefix_tokens=1)
+
+    def pin_input_size(self, height: int, width: int) -> None:
+        """Fix the position table to a `height` x `width` input, in place (for export; `pin_position_table`)."""
+        pin_position_table(self, height, width)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         """B 3 H W image (normalised) -> B (1 + h*w) D tokens after ln_pre."""

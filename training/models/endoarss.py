@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from training.adapters import active_tasks
+from training.models.heads import run_task_heads
 
 
 class EndoARSS(nn.Module):
@@ -94,12 +95,7 @@ class EndoARSS(nn.Module):
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
         features = self.forward_features(images, tasks)
-        size = (images.shape[-2], images.shape[-1])
-        out: dict[str, Tensor] = {}
-        for task, feature in features.items():
-            head = self.heads[task]
-            out[task] = head(feature, output_size=size) if self.task_kinds[task] == "segmentation" else head(feature)
-        return out
+        return run_task_heads(self.heads, self.task_kinds, features, (images.shape[-2], images.shape[-1]))
 
     def task_parameter_names(self) -> dict[str, list[str]]:
         """Names of parameters that belong to one task only (its head and its TESLA factors)."""

@@ -200,3 +200,13 @@ class ActivityHead(nn.Module):
             x = torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)  # B 2c
         x = self.drop(x)
         return x if pre_logits else self.fc(x)  # B K
+
+
+def run_task_heads(
+    heads: nn.ModuleDict, task_kinds: dict[str, str], features: dict[str, Tensor], size: tuple[int, int]
+) -> dict[str, Tensor]:
+    """Task name -> logits from per-task B D h w features: B K (classification), B C H W at `size` (segmentation)."""
+    return {
+        task: heads[task](feature, output_size=size) if task_kinds[task] == "segmentation" else heads[task](feature)
+        for task, feature in features.items()
+    }

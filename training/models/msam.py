@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.adapters import active_tasks, iter_adapter_layers, merge_and_unload
-from training.layers.windowed_attention import resample_rel_pos
 from training.models.sam_decoder import DensePositionEncoding
 from training.models.sam_encoder import SamImageEncoder
 
@@ -168,32 +167,9 @@ class MSAM(nn.Module):
         else:
             backbone = copy.deepcopy(self.backbone)
         inference = copy.deepcopy(self, memo={id(self.backbone): backbone})  # the merged backbone, not a 2nd copy
-        _pin_encoder_grid(inference.backbone, height, width)
+        inference.backbone.pin_input_size(height, width)
         inference.pe_layer.pin(*grid)
         return inference.requires_grad_(False).eval()
-
-
-def _pin_encoder_grid(backbone: SamImageEncoder, height: int, width: int) -> None:
-    """Store the position table and the global blocks' relative tables resampled for `height` x `width`, in place.
-
-    The same values the encoder computes on the fly for that size (bicubic position table, linear relative tables;
-    windowed blocks keep theirs: a window does not depend on the input size). Repeated here rather than imported from
-    export/ because training/ never imports export/ (shared/STYLE.md §1).
-    """
-    grid = backbone.grid_size(height, width)
-    with torch.no_grad():
-        if backbone.pos_embed is not None:
-            table = backbone.interpolate_pos_encoding(grid).detach().clone()
-            backbone.pos_embed = nn.Parameter(table, requires_grad=False)
-        for block in backbone.blocks:
-            attn = block.attn
-            if block.window_size > 0 or not attn.use_rel_pos:
-                continue
-            for axis, size in (("rel_pos_h", grid[0]), ("rel_pos_w", grid[1])):
-                table = resample_rel_pos(getattr(attn, axis), 2 * size - 1).detach().clone()
-                setattr(attn, axis, nn.Parameter(table, requires_grad=False))
-    backbone.pos_grid = grid
-    backbone.img_size = (height, width)
 
 
 def _adapter_task(name: str) -> str | None:

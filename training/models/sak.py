@@ -414,11 +414,7 @@ class SAK(nn.Module):
             backbone = merge_and_unload(backbone, layers[0].tasks[0])  # shared LoRA only: the same for every task
         else:
             backbone = copy.deepcopy(backbone)
-        grid = backbone.grid_size(height, width)
-        with torch.no_grad():
-            table = backbone.interpolate_pos_encoding(grid)
-        backbone.pos_embed = nn.Parameter(table.detach().clone(), requires_grad=False)
-        backbone.pos_grid, backbone.img_size = grid, (height, width)
+        backbone.pin_input_size(height, width)
         backbone.norm = nn.Identity()  # the levels are raw block outputs: the stem's final norm is never used
         routers = None
         if self.routers is not None:

@@ -27,8 +27,13 @@ from training.layers.block import DropPath
 from training.layers.mlp import Mlp
 from training.layers.patch_embed import PatchEmbed
 from training.layers.pos_embed import resample_pos_embed
-from training.layers.windowed_attention import RelPosAttention, window_partition, window_unpartition
-from training.models.token_grid import init_linear_layers, patch_grid, take_block_indices
+from training.layers.windowed_attention import (
+    RelPosAttention,
+    resample_rel_pos,
+    window_partition,
+    window_unpartition,
+)
+from training.models.token_grid import init_linear_layers, patch_grid, pin_position_table, take_block_indices
 
 # SAM `build_sam.py`: the normalisation the released checkpoints were trained with (RGB, 0-255 units).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -238,6 +243,23 @@ class SamImageEncoder(nn.Module):
         flat = self.pos_embed.reshape(1, self.pos_grid[0] * self.pos_grid[1], self.embed_dim)  # 1 N D
         flat = resample_pos_embed(flat, grid, self.pos_grid, num_prefix_tokens=0)
         return flat.reshape(1, grid[0], grid[1], self.embed_dim)
+
+    def pin_input_size(self, height: int, width: int) -> None:
+        """Fix the position table and the global blocks' relative tables to a `height` x `width` input, in place.
+
+        The values the encoder computes on the fly for that size (bicubic position table, linear relative tables);
+        windowed blocks keep theirs, since a window does not depend on the input size. For export.
+        """
+        grid = self.grid_size(height, width)
+        with torch.no_grad():
+            for block in self.blocks:
+                attn = block.attn
+                if block.window_size > 0 or not attn.use_rel_pos:
+                    continue
+                for axis, size in (("rel_pos_h", grid[0]), ("rel_pos_w", grid[1])):
+                    table = resample_rel_pos(getattr(attn, axis), 2 * size - 1).detach().clone()
+                    setattr(attn, axis, nn.Parameter(table, requires_grad=False))
+        pin_position_table(self, height, width)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         """B 3 H W image (normalised) -> B h w D patch tokens with the absolute position embedding added."""

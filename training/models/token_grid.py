@@ -1,5 +1,6 @@
 """Pieces every ViT-style encoder here shares (DINOv2 ViT, CLIP tower, SAM encoder): the patch grid of an input,
-block selection for intermediate outputs, splitting those outputs into prefix and patch tokens, and the Linear init.
+block selection for intermediate outputs, splitting those outputs into prefix and patch tokens, the Linear init, and
+pinning the position table to one input size for export.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 
@@ -84,3 +86,19 @@ def init_linear_layers(module: nn.Module) -> None:
             nn.init.trunc_normal_(layer.weight, std=0.02)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+
+
+def pin_position_table(encoder: nn.Module, height: int, width: int) -> None:
+    """Store `encoder`'s position table resampled for a fixed `height` x `width` input, in place.
+
+    An exported graph then adds a constant instead of resampling the table (a bicubic Resize) on every call; the
+    values are exactly those `interpolate_pos_encoding` computes for this size. Encoders without a table
+    (`pos_embed` None) only record the size.
+    """
+    grid = encoder.grid_size(height, width)
+    if encoder.pos_embed is not None:
+        with torch.no_grad():
+            table = encoder.interpolate_pos_encoding(grid).detach().clone()
+        encoder.pos_embed = nn.Parameter(table, requires_grad=False)
+    encoder.pos_grid = grid
+    encoder.img_size = (height, width)

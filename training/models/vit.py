@@ -29,7 +29,13 @@ from training.layers.layer_scale import LayerScale
 from training.layers.mlp import Mlp, SwiGLUFFN, swiglu_hidden_features
 from training.layers.patch_embed import PatchEmbed
 from training.layers.pos_embed import resample_pos_embed
-from training.models.token_grid import block_outputs, init_linear_layers, patch_grid, take_block_indices
+from training.models.token_grid import (
+    block_outputs,
+    init_linear_layers,
+    patch_grid,
+    pin_position_table,
+    take_block_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +226,10 @@ class VisionTransformer(nn.Module):
             interpolate_offset=self.interpolate_offset,
             antialias=self.interpolate_antialias,
         )
+
+    def pin_input_size(self, height: int, width: int) -> None:
+        """Fix the position table to a `height` x `width` input, in place (for export; `pin_position_table`)."""
+        pin_position_table(self, height, width)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         """B 3 H W image (normalised) -> B (1 + R + h*w) D tokens: cls, registers, patches with positions added."""
