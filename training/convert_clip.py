@@ -39,6 +39,7 @@ from training.weights import (
     _load_tensor_file,
     _template,
     _unwrap,
+    find_prefixes,
     read_hf_directory,
 )
 
@@ -199,13 +200,7 @@ def _mirror(state_dict: Mapping[str, Tensor], mapping: Mapping[str, Target], wha
 
 def detect_clip_source(state_dict: Mapping[str, Any]) -> tuple[str, str]:
     """Source ('openai_clip', 'hf_clip' or 'clip') and key prefix ('visual.', 'vision_model.', '') of the tower."""
-    found: dict[str, str] = {}
-    for key in state_dict:
-        # Longest marker first: 'embeddings.class_embedding' also ends in 'class_embedding'.
-        for source, marker in sorted(CLIP_SOURCE_MARKERS.items(), key=lambda item: -len(item[1])):
-            if key == marker or key.endswith("." + marker):
-                found.setdefault(key[: len(key) - len(marker)], source)
-                break
+    found = find_prefixes(state_dict, CLIP_SOURCE_MARKERS)
     if not found:
         markers = " or ".join(CLIP_SOURCE_MARKERS.values())
         raise ValueError(

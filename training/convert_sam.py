@@ -17,6 +17,7 @@ then resample position tables, relative tables and the patch kernel to the targe
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,11 @@ from training.layers.patch_embed import resample_patch_embed
 from training.layers.pos_embed import resample_pos_embed
 from training.layers.windowed_attention import resample_rel_pos
 from training.models.sam_encoder import SamImageEncoder
-from training.weights import (
-    BackboneCheckpoint,
-    _fill,
-    _load_tensor_file,
-    _template,
-    _unwrap,
-    read_hf_directory,
-)
+from training.weights import BackboneCheckpoint, _load_tensor_file, _unwrap, find_prefixes, read_hf_directory
 
 logger = logging.getLogger(__name__)
+
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")  # a number between dots: a block or layer index
 
 # Key (without prefix) that only each source's image encoder has.
 SAM_SOURCE_MARKERS = {"sam": "neck.0.weight", "hf_sam": "neck.conv1.weight"}
@@ -124,35 +120,37 @@ HF_SAM_VISION_DEFAULTS: dict[str, Any] = {
 HF_SAM_MODEL_TYPES = ("sam", "sam_vision_model")
 
 
-def _rename(tensors: Mapping[str, Tensor], mapping: Mapping[str, str], what: str) -> dict[str, Tensor]:
-    """Apply a key map (exact keys such as `neck.0.weight` first, then `{}` block templates); unknown keys raise."""
+def key_template(key: str) -> tuple[str, list[str]]:
+    """'a.3.b.1.weight' -> ('a.{}.b.{}.weight', ['3', '1'])."""
+    return _NUMBER.sub("{}", key), _NUMBER.findall(key)
+
+
+def rename_keys(tensors: Mapping[str, Tensor], mapping: Mapping[str, str], what: str) -> dict[str, Tensor]:
+    """Apply a key map: exact keys (`neck.0.weight`) first, then `{}` templates; unknown keys raise, naming `what`."""
     out: dict[str, Tensor] = {}
     unknown = []
     for key, tensor in tensors.items():
         if key in mapping:
             out[mapping[key]] = tensor
             continue
-        template, number = _template(key)
+        template, numbers = key_template(key)
         if template not in mapping:
             unknown.append(key)
             continue
-        out[_fill(mapping[template], number)] = tensor
+        out[mapping[template].format(*numbers)] = tensor
     if unknown:
-        raise ValueError(f"unrecognised keys in a {what} image encoder: {sorted(unknown)[:10]}")
+        raise ValueError(f"unrecognised keys in a {what}: {sorted(unknown)[:10]}")
     return out
 
 
-def _invert(mapping: Mapping[str, str]) -> dict[str, str]:
+def invert_mapping(mapping: Mapping[str, str]) -> dict[str, str]:
+    """The key map back (ours -> theirs) of a one-to-one `mapping`."""
     return {ours: theirs for theirs, ours in mapping.items()}
 
 
 def detect_sam_source(state_dict: Mapping[str, Any]) -> tuple[str, str]:
     """Source ('sam' or 'hf_sam') and key prefix ('image_encoder.', 'vision_encoder.', '') of the image encoder."""
-    found: dict[str, str] = {}
-    for key in state_dict:
-        for source, marker in SAM_SOURCE_MARKERS.items():
-            if key == marker or key.endswith("." + marker):
-                found.setdefault(key[: len(key) - len(marker)], source)
+    found = find_prefixes(state_dict, SAM_SOURCE_MARKERS)
     if not found:
         markers = " or ".join(SAM_SOURCE_MARKERS.values())
         raise ValueError(
@@ -179,9 +177,9 @@ def sam_checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: SamImageEncod
     source, prefix = detect_sam_source(state_dict)
     tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
     if source == "hf_sam":
-        out = _rename(tensors, FROM_HF_SAM_MAP, "Hugging Face SAM")
+        out = rename_keys(tensors, FROM_HF_SAM_MAP, "Hugging Face SAM image encoder")
     else:
-        out = _rename(tensors, {**FROM_SAM_MAP, **FROM_OURS_ALIASES}, "SAM")
+        out = rename_keys(tensors, {**FROM_SAM_MAP, **FROM_OURS_ALIASES}, "SAM image encoder")
     if model is None:
         return out
     expected = model.state_dict()
@@ -206,14 +204,14 @@ def sam_checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: SamImageEncod
 
 def to_sam_original(state_dict: Mapping[str, Tensor], *, prefix: str = "image_encoder.") -> dict[str, Tensor]:
     """Our layout -> segment_anything layout (`sam_vit_*.pth` keys under `prefix`); mirror of FROM_SAM_MAP."""
-    inverse = _invert(FROM_SAM_MAP)
-    return {prefix + key: tensor for key, tensor in _rename(state_dict, inverse, "our").items()}
+    inverse = invert_mapping(FROM_SAM_MAP)
+    return {prefix + key: tensor for key, tensor in rename_keys(state_dict, inverse, "our image encoder").items()}
 
 
 def to_hf_sam(state_dict: Mapping[str, Tensor], *, prefix: str = "vision_encoder.") -> dict[str, Tensor]:
     """Our layout -> Hugging Face `SamVisionEncoder` keys under `prefix`; mirror of FROM_HF_SAM_MAP."""
-    inverse = _invert(FROM_HF_SAM_MAP)
-    return {prefix + key: tensor for key, tensor in _rename(state_dict, inverse, "our").items()}
+    inverse = invert_mapping(FROM_HF_SAM_MAP)
+    return {prefix + key: tensor for key, tensor in rename_keys(state_dict, inverse, "our image encoder").items()}
 
 
 def infer_sam_arch(state_dict: Mapping[str, Tensor], path: Path | str = "checkpoint") -> dict[str, Any]:

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from training.weights import _load_tensor_file, _unwrap, read_hf_directory
+from training.convert_sam import invert_mapping, rename_keys
+from training.weights import _load_tensor_file, _unwrap, find_prefixes, read_hf_directory
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,6 @@ HF_SAM_DECODER_DEFAULTS: dict[str, Any] = {
     "layer_norm_eps": 1e-6,
 }
 
-_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
 _FEEDFORWARDS = re.compile(r"^(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.(proj_in|proj_out|layers\.(\d+))\.")
 
 
@@ -139,33 +139,6 @@ class DecoderCheckpoint(NamedTuple):
     no_mask_embed: Tensor | None  # 1 C
     source: str
     path: Path
-
-
-def _template(key: str) -> tuple[str, list[str]]:
-    """'a.3.b.1.weight' -> ('a.{}.b.{}.weight', ['3', '1'])."""
-    return _NUMBER.sub("{}", key), _NUMBER.findall(key)
-
-
-def _rename(tensors: Mapping[str, Tensor], mapping: Mapping[str, str], what: str) -> dict[str, Tensor]:
-    """Apply a key map: exact keys (`output_upscaling.0.weight`) first, then `{}` templates; unknown keys raise."""
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, tensor in tensors.items():
-        if key in mapping:
-            out[mapping[key]] = tensor
-            continue
-        template, numbers = _template(key)
-        if template not in mapping:
-            unknown.append(key)
-            continue
-        out[mapping[template].format(*numbers)] = tensor
-    if unknown:
-        raise ValueError(f"unrecognised keys in a {what} mask decoder: {sorted(unknown)[:10]}")
-    return out
-
-
-def _invert(mapping: Mapping[str, str]) -> dict[str, str]:
-    return {ours: theirs for theirs, ours in mapping.items()}
 
 
 def _feedforward_depths(keys: list[str]) -> dict[str, int]:
@@ -214,11 +187,7 @@ def detect_decoder_source(state_dict: Mapping[str, Any]) -> tuple[str, str] | No
     Raises:
         ValueError: several mask decoders in one checkpoint.
     """
-    found: dict[str, str] = {}
-    for key in state_dict:
-        for source, marker in DECODER_SOURCE_MARKERS.items():
-            if key == marker or key.endswith("." + marker):
-                found.setdefault(key[: len(key) - len(marker)], source)
+    found = find_prefixes(state_dict, DECODER_SOURCE_MARKERS)
     if not found:
         return None
     if len(found) > 1:
@@ -249,19 +218,23 @@ def sam_decoder_filter_fn(checkpoint: Mapping[str, Any]) -> tuple[str, dict[str,
     source, prefix = detected
     tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
     if source == "hf_sam":
-        return source, _rename(_hf_feedforward_to_sam(tensors), FROM_HF_SAM_DECODER_MAP, "Hugging Face SAM")
-    return source, _rename(tensors, {**FROM_SAM_DECODER_MAP, **FROM_OURS_ALIASES}, "SAM")
+        return source, rename_keys(
+            _hf_feedforward_to_sam(tensors), FROM_HF_SAM_DECODER_MAP, "Hugging Face SAM mask decoder"
+        )
+    return source, rename_keys(tensors, {**FROM_SAM_DECODER_MAP, **FROM_OURS_ALIASES}, "SAM mask decoder")
 
 
 def to_sam_decoder_original(state_dict: Mapping[str, Tensor], *, prefix: str = DECODER_PREFIX) -> dict[str, Tensor]:
     """Our layout -> segment_anything `MaskDecoder` keys under `prefix`; mirror of FROM_SAM_DECODER_MAP."""
-    renamed = _rename(state_dict, _invert(FROM_SAM_DECODER_MAP), "our")
+    renamed = rename_keys(state_dict, invert_mapping(FROM_SAM_DECODER_MAP), "our mask decoder")
     return {prefix + key: tensor for key, tensor in renamed.items()}
 
 
 def to_hf_sam_decoder(state_dict: Mapping[str, Tensor], *, prefix: str = DECODER_PREFIX) -> dict[str, Tensor]:
     """Our layout -> Hugging Face `SamMaskDecoder` keys under `prefix`; mirror of FROM_HF_SAM_DECODER_MAP."""
-    renamed = _sam_feedforward_to_hf(_rename(state_dict, _invert(FROM_HF_SAM_DECODER_MAP), "our"))
+    renamed = _sam_feedforward_to_hf(
+        rename_keys(state_dict, invert_mapping(FROM_HF_SAM_DECODER_MAP), "our mask decoder")
+    )
     return {prefix + key: tensor for key, tensor in renamed.items()}
 
 

@@ -223,17 +223,29 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
             return checkpoint
 
 
+def find_prefixes(state_dict: Mapping[str, Any], markers: Mapping[str, str]) -> dict[str, Any]:
+    """Key prefix -> source for every key ending in one of `markers` (source -> a key only that source has).
+
+    Longer markers are tried first, so a marker that ends another one ('class_embedding' in
+    'embeddings.class_embedding') does not claim its keys.
+    """
+    ordered = sorted(markers.items(), key=lambda item: -len(item[1]))
+    found: dict[str, Any] = {}
+    for key in state_dict:
+        for source, marker in ordered:
+            if key == marker or key.endswith("." + marker):
+                found.setdefault(key[: len(key) - len(marker)], source)
+                break
+    return found
+
+
 def detect_source(state_dict: Mapping[str, Any]) -> tuple[Source, str]:
     """Source and key prefix (e.g. 'backbone.', 'dinov2.', '') of the backbone tensors in `state_dict`.
 
     When several prefixes hold a backbone (a DINOv2 training checkpoint has a student and a teacher), the teacher is
     taken: it is the model DINOv2 evaluates and releases.
     """
-    found: dict[str, Source] = {}
-    for key in state_dict:
-        for source, marker in SOURCE_MARKERS.items():
-            if key == marker or key.endswith("." + marker):
-                found.setdefault(key[: len(key) - len(marker)], source)
+    found = find_prefixes(state_dict, SOURCE_MARKERS)
     if not found:
         markers = " or ".join(SOURCE_MARKERS.values())
         first = list(state_dict)[:5]
