@@ -271,10 +271,7 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, **overrides:
         if loaded.source == "dinov2":
             arch.update(_unrecorded_fields(arch, variant))
         named, found = describe(variant), describe(factory(**arch))
-    differences = {key: (named[key], found[key]) for key in named if named[key] != found[key] and key not in overrides}
-    if differences:
-        listed = ", ".join(f"{key} {value} -> {actual}" for key, (value, actual) in differences.items())
-        logger.warning("checkpoint %s differs from %s: %s; using the checkpoint's", checkpoint, name, listed)
+    _warn_arch_differences(checkpoint, name, named, found, overrides)
     model = factory(**{**arch, **overrides})
     state_dict = checkpoint_filter_fn(loaded.state_dict, model)
     load_checked(model, state_dict, loaded.path)
@@ -287,6 +284,16 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, **overrides:
         model.interpolate_antialias,
     )
     return model
+
+
+def _warn_arch_differences(
+    checkpoint: str | Path, name: str, named: dict[str, Any], found: dict[str, Any], overrides: dict[str, Any]
+) -> None:
+    """Warn where the checkpoint's architecture departs from the named variant's (overridden keys aside)."""
+    differences = {key: (named[key], found[key]) for key in named if named[key] != found[key] and key not in overrides}
+    if differences:
+        listed = ", ".join(f"{key} {value} -> {actual}" for key, (value, actual) in differences.items())
+        logger.warning("checkpoint %s differs from %s: %s; using the checkpoint's", checkpoint, name, listed)
 
 
 def _build_encoder(
@@ -306,10 +313,7 @@ def _build_encoder(
             # Not recorded in the file: the named variant's count stands when the width fits, else 64-wide heads.
             arch["num_heads"] = max(arch["embed_dim"] // 64, 1)
         named, found = describe(variant), describe(factory(**arch))
-    differences = {key: (named[key], found[key]) for key in named if named[key] != found[key] and key not in overrides}
-    if differences:
-        listed = ", ".join(f"{key} {value} -> {actual}" for key, (value, actual) in differences.items())
-        logger.warning("checkpoint %s differs from %s: %s; using the checkpoint's", checkpoint, name, listed)
+    _warn_arch_differences(checkpoint, name, named, found, overrides)
     model = factory(**{**arch, **overrides})
     load_checked(model, filter_fn(loaded.state_dict, model), loaded.path)
     logger.info("loaded %s from %s (%s layout)", name, loaded.path, loaded.source)
