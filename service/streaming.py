@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -71,22 +72,8 @@ class StreamsApi:
         self.registry.close_all()
 
     def snapshot(self) -> list[StreamInfo]:
-        return [
-            StreamInfo(
-                id=s.id,
-                url=s.url,
-                state=s.state,
-                fps=round(s.fps, 2),
-                frames_read=s.frames_read,
-                frames_processed=s.frames_processed,
-                frames_dropped=s.frames_dropped,
-                reconnects=s.reconnects,
-                last_error=s.last_error,
-                age_s=round(s.age_s, 3),
-                last_frame_age_s=None if s.last_frame_age_s is None else round(s.last_frame_age_s, 3),
-            )
-            for s in self.registry.list()
-        ]
+        # The registry's snapshots are already redacted and rounded; the schema has the same fields.
+        return [StreamInfo(**dataclasses.asdict(s)) for s in self.registry.list()]
 
     def stop(self, stream_id: str) -> bool:
         """Stop a stream; False when no stream has this id."""
