@@ -33,6 +33,7 @@ import httpx
 import pytest
 import yaml
 
+from service.launcher import stop_process
 from tests.deploy.conftest import VALUES_KEY
 from tests.deploy.promql import dashboard_queries, dashboard_variable_queries, rule_queries
 from tests.service.server import ServerProcess, free_port
@@ -206,13 +207,7 @@ class Prometheus:
         return httpx.get(f"{self.url}/api/v1/query", params=params, timeout=10).json()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 class Streams:
