@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,10 @@ def _series_of(part: str) -> str:
     return _unwrap(_strip_comparison(part))
 
 
-def _strip_comparison(expr: str) -> str:
-    """`A > 0.05` -> `A` (the first comparison at depth 0, outside strings; label matchers sit inside braces)."""
-    depth, quote, i = 0, "", 0
-    while i < len(expr):
-        ch = expr[i]
+def _top_level(expr: str) -> Iterator[int]:
+    """Positions in `expr` outside strings and brackets (where operators of the whole expression sit)."""
+    depth, quote = 0, ""
+    for i, ch in enumerate(expr):
         if quote:
             quote = "" if ch == quote and expr[i - 1] != "\\" else quote
         elif ch in "\"'`":
@@ -125,32 +125,27 @@ def _strip_comparison(expr: str) -> str:
         elif ch in ")]}":
             depth -= 1
         elif depth == 0:
-            match = _COMPARISON.match(expr, i)
-            if match and not (match.group(1) in ("<", ">") and expr[i + 1 : i + 2] == "="):
-                return expr[:i].strip()
-        i += 1
+            yield i
+
+
+def _strip_comparison(expr: str) -> str:
+    """`A > 0.05` -> `A` (the first comparison at depth 0, outside strings; label matchers sit inside braces)."""
+    for i in _top_level(expr):
+        match = _COMPARISON.match(expr, i)
+        if match and not (match.group(1) in ("<", ">") and expr[i + 1 : i + 2] == "="):
+            return expr[:i].strip()
     return expr.strip()
 
 
 def _split_top_level(expr: str, pattern: re.Pattern[str]) -> list[str]:
-    parts, depth, quote, start, i = [], 0, "", 0, 0
-    while i < len(expr):
-        ch = expr[i]
-        if quote:
-            quote = "" if ch == quote and expr[i - 1] != "\\" else quote
-        elif ch in "\"'`":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif depth == 0:
-            match = pattern.match(expr, i)
-            if match:
-                parts.append(expr[start:i])
-                start = i = match.end()
-                continue
-        i += 1
+    parts, start = [], 0
+    for i in _top_level(expr):
+        if i < start:
+            continue  # inside the separator just matched
+        match = pattern.match(expr, i)
+        if match:
+            parts.append(expr[start:i])
+            start = match.end()
     parts.append(expr[start:])
     return [p.strip() for p in parts if p.strip()]
 
