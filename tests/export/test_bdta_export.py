@@ -19,11 +19,9 @@ from endostream.cli import main
 from export.checks import adapter_initializers, onnxruntime_session
 from export.manifest import MODEL_FILE, read_manifest
 from export.onnx_export import export_onnx, generated_frames
+from tests.checkpoints import make_checkpoint
 from tests.export.parity import assert_bundle_matches_checkpoint, run_checkpoint
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import load_config
-from training.data.writer import synth_labels
-from training.factory import build_model
+from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,22 +36,13 @@ SMALL = [
 ]
 
 
+def _gamma(name: str, param: torch.nn.Parameter) -> None:
+    if name.startswith("mote.gamma."):  # zero-initialised: MoTE would mix nothing
+        param.normal_(0, 1.0)
+
+
 def make_bdta_checkpoint(root: Path, *, merged: bool = False) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("tiny_bdta", SMALL)
-    labels = synth_labels({}).to_dict()
-    model = build_model(cfg.model, labels["tasks"])
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("mote.gamma."):
-                param.normal_(0, 1.0)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 1.5)
-    model.eval()
-    return save_checkpoint(model, cfg, labels, root, merged=merged)
+    return make_checkpoint(root, [], merged=merged, config="tiny_bdta", base=SMALL, perturb=_gamma)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,9 @@ from endostream.cli import main
 from export.checks import adapter_initializers, onnxruntime_session
 from export.manifest import MODEL_FILE, read_manifest
 from export.onnx_export import export_onnx, generated_frames
+from tests.checkpoints import make_checkpoint
 from tests.export.parity import assert_bundle_matches_checkpoint, run_checkpoint
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import load_config
-from training.data.writer import synth_labels
-from training.factory import build_model
+from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,19 +33,15 @@ SMALL = [
 ]
 
 
+def _core_and_classifiers(name: str, param: torch.nn.Parameter) -> None:
+    if name.endswith("ta_lora_G"):
+        param.normal_(0, 0.05)
+    elif name.startswith("classifiers.") and name.endswith("weight"):
+        param.mul_(20.0)
+
+
 def make_msam_checkpoint(root: Path, *, merged: bool = False) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("tiny_msam", SMALL)
-    labels = synth_labels({}).to_dict()
-    model = build_model(cfg.model, labels["tasks"])
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("ta_lora_G"):
-                param.normal_(0, 0.05)
-            elif name.startswith("classifiers.") and name.endswith("weight"):
-                param.mul_(20.0)
-    model.eval()
-    return save_checkpoint(model, cfg, labels, root, merged=merged)
+    return make_checkpoint(root, [], merged=merged, config="tiny_msam", base=SMALL, perturb=_core_and_classifiers)
 
 
 @pytest.fixture(scope="module")

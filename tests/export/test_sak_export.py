@@ -13,11 +13,9 @@ import torch
 from export.checks import adapter_initializers, initializer_sizes, onnxruntime_session
 from export.manifest import MODEL_FILE, read_manifest
 from export.onnx_export import export_onnx, generated_frames
+from tests.checkpoints import make_checkpoint
 from training.adapters import AdapterLinear
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import load_config
-from training.data.writer import synth_labels
-from training.factory import build_model
+from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,22 +31,14 @@ SMALL = [
 ]
 
 
+def _lora_and_routers(name: str, param: torch.nn.Parameter) -> None:
+    if "lora_B" in name or "routers" in name:
+        param.normal_(0, 0.2)
+
+
 def _checkpoint(root: Path, overrides: list[str]) -> Path:
     """A tiny SAK checkpoint with non-trivial LoRA factors, routers and BatchNorm statistics (random teachers)."""
-    torch.manual_seed(0)
-    cfg = load_config("tiny_sak", SMALL + overrides)
-    labels = synth_labels({}).to_dict()
-    model = build_model(cfg.model, labels["tasks"])
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "routers" in name:
-                param.normal_(0, 0.2)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 1.5)
-    return save_checkpoint(model.eval(), cfg, labels, root)
+    return make_checkpoint(root, overrides, config="tiny_sak", base=SMALL, perturb=_lora_and_routers)
 
 
 @pytest.fixture(scope="module")

@@ -17,34 +17,22 @@ import torch
 from export.checks import adapter_initializers, initializer_sizes
 from export.manifest import MODEL_FILE
 from export.onnx_export import export_onnx, generated_frames
-from tests.checkpoints import SIZE, SMALL
+from tests.checkpoints import SIZE, make_checkpoint
 from tests.export.parity import run_bundle
 from training.adapters import AdapterLinear
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import load_config
-from training.data.writer import synth_labels
-from training.factory import build_model
+from training.checkpoint import load_checkpoint
 from training.layers.ta_lora import TaskAwareLoraVariant, uses_ta_lora
 
 pytestmark = pytest.mark.timeout(120)
 
 
+def _core(name: str, param: torch.nn.Parameter) -> None:
+    if name.endswith("ta_lora_G"):  # the zero core: no update without it
+        param.normal_(0, 0.05)
+
+
 def make_ta_lora_checkpoint(root: Path, overrides: list[str], *, merged: bool = False) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("tiny_talora", SMALL + overrides)
-    labels = synth_labels({}).to_dict()
-    model = build_model(cfg.model, labels["tasks"])
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("ta_lora_G"):
-                param.normal_(0, 0.05)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 1.5)
-    model.eval()
-    return save_checkpoint(model, cfg, labels, root, merged=merged)
+    return make_checkpoint(root, overrides, merged=merged, config="tiny_talora", perturb=_core)
 
 
 @pytest.fixture(scope="module")
