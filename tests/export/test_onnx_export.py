@@ -13,44 +13,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from endostream.cli import main
 from export.checks import adapter_initializers, initializer_sizes, onnxruntime_session
 from export.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest, sha256_file
 from export.onnx_export import export_onnx, generated_frames
 from tests.checkpoints import SIZE, make_checkpoint
+from tests.export.parity import assert_bundle_matches_checkpoint, run_checkpoint
 from training.adapters import AdapterLinear
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _torch_reference(ckpt: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
-    model = load_checkpoint(ckpt).model.eval()
-    with torch.no_grad():
-        out = model(torch.from_numpy(frames).permute(0, 3, 1, 2))
-    return {
-        "activity_probs": out["activity"].softmax(1).numpy(),
-        "segmentation": out["segmentation"].argmax(1).numpy().astype(np.uint8),
-    }
-
-
-def _assert_parity(bundle: Path, ckpt: Path, batch: int) -> None:
-    frames = generated_frames(batch, SIZE, SIZE, seed=5)
-    session = onnxruntime_session(bundle / MODEL_FILE)
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {"frames": frames}), strict=True))
-    want = _torch_reference(ckpt, frames)
-    assert got["activity_probs"].shape == (batch, 5)
-    assert got["segmentation"].shape == (batch, SIZE, SIZE) and got["segmentation"].dtype == np.uint8
-    np.testing.assert_allclose(got["activity_probs"], want["activity_probs"], atol=1e-4, rtol=0)
-    assert (got["segmentation"] == want["segmentation"]).mean() >= 0.999
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 def test_onnxruntime_matches_the_unmerged_pytorch_model(endoarss_bundle: Path, endoarss_ckpt: Path, batch: int):
-    _assert_parity(endoarss_bundle, endoarss_ckpt, batch)
+    assert_bundle_matches_checkpoint(endoarss_bundle, endoarss_ckpt, batch, SIZE)
 
 
 def test_graph_interface_is_uint8_nhwc_in_and_results_out(endoarss_bundle: Path):
@@ -105,7 +83,7 @@ def test_model_without_sma_exports_with_parity(tmp_path: Path):
     ckpt = make_checkpoint(tmp_path / "best", ["model.sma.enabled=false"])
     result = export_onnx(ckpt, tmp_path / "bundle")
     assert result.manifest.checks["parity"]["passed"]
-    _assert_parity(tmp_path / "bundle", ckpt, 8)
+    assert_bundle_matches_checkpoint(tmp_path / "bundle", ckpt, 8, SIZE)
 
 
 def test_merged_checkpoint_gives_the_same_graph_results(tmp_path: Path, endoarss_bundle: Path, endoarss_ckpt: Path):
@@ -173,7 +151,7 @@ def test_single_task_graph_computes_only_that_task(tmp_path: Path, endoarss_ckpt
     assert [o.name for o in session.get_outputs()] == ["segmentation"]
     frames = generated_frames(2, SIZE, SIZE, seed=5)
     (mask,) = session.run(None, {"frames": frames})
-    assert (mask == _torch_reference(endoarss_ckpt, frames)["segmentation"]).mean() >= 0.999
+    assert (mask == run_checkpoint(endoarss_ckpt, frames)["segmentation"]).mean() >= 0.999
     with pytest.raises(ValueError, match="distinct tasks of this model"):
         export_onnx(endoarss_ckpt, tmp_path / "bad", tasks=["phase"])
 
