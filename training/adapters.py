@@ -237,14 +237,15 @@ def mark_only_adapters_trainable(model: nn.Module) -> None:
         param.requires_grad_(is_adapter_key(name))
     for owner, config in recorded_configs(model):
         if config.tune_layernorm:
-            for module in owner.modules():
-                if _is_layer_norm(module):
-                    module.requires_grad_(True)
+            unfreeze_layer_norms(owner)
 
 
-def _is_layer_norm(module: nn.Module) -> bool:
-    # nn.LayerNorm, and channel-first variants by name (SAM's neck uses a `LayerNorm2d` class).
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.startswith("LayerNorm")
+def unfreeze_layer_norms(model: nn.Module) -> None:
+    """Make the scale and bias of every LayerNorm below `model` trainable (nn.LayerNorm, and channel-first variants
+    by name: SAM's neck uses a `LayerNorm2d` class)."""
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.startswith("LayerNorm"):
+            module.requires_grad_(True)
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.adapters import mark_only_adapters_trainable
+from training.adapters import mark_only_adapters_trainable, unfreeze_layer_norms
 from training.backbones import build_backbone
 from training.config import ModelConfig
 from training.convert_sam_decoder import DecoderCheckpoint, load_sam_decoder_weights
@@ -76,9 +76,7 @@ def build(
     if cfg.backbone.freeze and not merged:
         mark_only_adapters_trainable(backbone)  # LayerNorms stay trainable when adapters.tune_layernorm
         if adapters is None and cfg.adapters.tune_layernorm:
-            for module in backbone.modules():
-                if isinstance(module, nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
-                    module.requires_grad_(True)
+            unfreeze_layer_norms(backbone)
 
     loaded = _read_decoder(cfg, load_backbone_weights)
     kwargs = decoder_kwargs(cfg, backbone.out_chans, loaded)
