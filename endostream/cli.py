@@ -330,9 +330,17 @@ def _bench_bundle(bundle: Path | None) -> Path:
     return bundle
 
 
-def _run_bench_http(args: argparse.Namespace) -> int:
+def _write_report(path: Path, report: dict, summary: str) -> None:
+    """A bench command's JSON report to `path`, its table to stdout."""
     import json
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(summary)
+    print(f"written to {path}")
+
+
+def _run_bench_http(args: argparse.Namespace) -> int:
     from service.bench import bench_http, format_http
 
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -346,31 +354,21 @@ def _run_bench_http(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     report["frame_size"] = args.size
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_http(report))
-    print(f"written to {args.json}")
+    _write_report(args.json, report, format_http(report))
     return 0
 
 
 def _run_bench_stream(args: argparse.Namespace) -> int:
-    import json
-
     from service.bench import bench_stream, format_stream
 
     report = bench_stream(
         _bench_bundle(args.bundle), args.source, seconds=args.seconds, mask=args.mask, threads=args.threads
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_stream(report))
-    print(f"written to {args.json}")
+    _write_report(args.json, report, format_stream(report))
     return 0
 
 
 def _run_bench_train(args: argparse.Namespace) -> int:
-    import json
-
     from training.train_cost import bench_train_cost
 
     report = bench_train_cost(
@@ -382,17 +380,15 @@ def _run_bench_train(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         device=args.device,
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    for name, ratio in report["ratio"].items():
-        print(f"{name:<24} bdta {report['bdta'][name]!s:>14}  lora {report['lora'][name]!s:>14}  ratio {ratio:.3f}")
-    print(f"written to {args.json}")
+    rows = [
+        f"{name:<24} bdta {report['bdta'][name]!s:>14}  lora {report['lora'][name]!s:>14}  ratio {ratio:.3f}"
+        for name, ratio in report["ratio"].items()
+    ]
+    _write_report(args.json, report, "\n".join(rows))
     return 0
 
 
 def _run_bench_engine(args: argparse.Namespace) -> int:
-    import json
-
     from export.bench import bench_engine, format_table
 
     variants = args.compare or [f"{args.backend}:{args.precision}" if args.precision else args.backend]
@@ -405,10 +401,7 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_table(report))
-    print(f"results: {args.json}")
+    _write_report(args.json, report, format_table(report))
     return 0
 
 
