@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # dev dependency: the reference implementations of the parity tests
 from safetensors.torch import load_file
 from torch import nn
 
@@ -26,8 +27,6 @@ from training.convert_clip import (
 )
 from training.layers.export_mode import exportable
 from training.models.clip import CLIPVisionTransformer
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # dev dependency: the reference implementations of the parity tests
 
 from tests.training.conftest import TINY_OVERRIDES
 from tests.training.test_sam_encoder import IMAGE, VISION, _official, _perturb
@@ -30,8 +31,6 @@ from training.factory import build_model
 from training.models.msam import MSAM
 from training.models.sam_decoder import DensePositionEncoding, SamMaskDecoder
 from training.trainer import task_losses, train
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # dev dependency: the reference implementations of the parity tests
 from safetensors.torch import load_file
 
 from training.backbones import ENCODERS, build_backbone, describe
@@ -28,8 +29,6 @@ from training.convert_sam import (
 from training.layers.export_mode import exportable
 from training.layers.windowed_attention import get_rel_pos, window_partition, window_unpartition
 from training.models.sam_encoder import SamImageEncoder
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.timeout(60)
 

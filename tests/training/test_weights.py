@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # dev dependency: the reference implementations of the parity tests
 from safetensors.torch import load_file, save_file
 
 from training.backbones import build_backbone
@@ -24,8 +25,6 @@ from training.weights import (
     to_dinov2_original,
     to_hf_dinov2,
 )
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.timeout(60)
 
