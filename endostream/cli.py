@@ -185,7 +185,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     quantize = export_sub.add_parser("quantize", help="an INT8 bundle (static QDQ quantisation, calibrated)")
     quantize.add_argument("bundle", type=Path, help="fp32 bundle folder")
     quantize.add_argument(
-        "--mode", choices=["static", "dynamic"], default="static", help="static QDQ (TensorRT) or dynamic (CPU serving)"
+        "--mode", choices=["static", "dynamic"], default="static", help="static QDQ, calibrated (default), or dynamic"
+    )
+    quantize.add_argument(
+        "--target",
+        choices=["cpu", "tensorrt"],
+        default="cpu",
+        help="static mode: cpu quantises MatMul (default); tensorrt also Conv and Gemm",
     )
     quantize.add_argument("--calib", type=Path, help="frames to calibrate on, e.g. DATA/train (static mode)")
     quantize.add_argument("--out", type=Path, help="INT8 bundle folder (default: BUNDLE-int8)")
@@ -412,6 +418,7 @@ def _run_export_quantize(args: argparse.Namespace) -> int:
         args.bundle,
         args.calib,
         mode=args.mode,
+        target=args.target,
         out=args.out,
         count=args.frames,
         data=args.data,

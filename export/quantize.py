@@ -1,12 +1,13 @@
 """`endostream export quantize`: an INT8 bundle, with its accuracy cost measured.
 
 Two modes, both ONNX Runtime's quantisers:
-- `static` (default): QDQ format (QuantizeLinear/DequantizeLinear pairs around MatMul, Conv and Gemm: the form
-  TensorRT reads), weights int8 per output channel, activations uint8 with ranges calibrated on real frames from a
-  dataset folder. For TensorRT INT8 engines.
-- `dynamic`: MatMul weights int8, activations quantised per call from their own range (no calibration). The faster
-  graph on x86 CPUs: measured on 2 cores, 2.0x over fp32 for ViT-S/14 at 224 px where static QDQ gave 1.24x, and
-  1.22x on the tiny demo model where static QDQ was slower than fp32.
+- `static` (default): QDQ format, calibrated on real frames from a dataset folder. Q/DQ pairs go on the *inputs* of
+  the quantised ops only and their outputs stay float: TensorRT's recommended placement, and the pattern ONNX
+  Runtime's CPU provider fuses into MatMulIntegerToFloat (an int8 GEMM with a float result, no requantisation).
+  Weights are int8 per output channel (per tensor for the stacked per-task weights, the only form ORT's fused kernel
+  accepts for a 3-D weight), activations uint8 per tensor from MinMax ranges. `--target cpu` quantises MatMul only
+  (ORT has no faster int8 convolution for these shapes); `--target tensorrt` adds Conv and Gemm.
+- `dynamic`: MatMul weights int8, activations quantised per call from their own range (no calibration).
 The uint8 input, the normalisation, softmax and argmax stay as they are. When a labelled split is given, the fp32
 and INT8 graphs are scored on it and the differences go into the manifest.
 """
@@ -21,6 +22,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnx
+from tqdm import tqdm
 
 from export.accuracy import evaluate_graph
 from export.checks import check_graph
@@ -29,8 +32,8 @@ from export.manifest import Manifest, read_manifest, sha256_file, write_manifest
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 MODES = ("static", "dynamic")
+TARGET_OPS = {"cpu": ["MatMul"], "tensorrt": ["MatMul", "Conv", "Gemm"]}  # ops that get Q/DQ on their inputs
 MASK_FOLDERS = {"mask", "labels"}  # EndoARSS and EndoVis-18 label folders: not frames
 
 
@@ -56,15 +59,18 @@ def calibration_frames(folder: Path, height: int, width: int, count: int = 64, s
 
 
 class _FrameReader:
-    """ONNX Runtime CalibrationDataReader over in-memory frames, one per call."""
+    """ONNX Runtime CalibrationDataReader over in-memory frames, one per call, with a progress bar."""
 
-    def __init__(self, name: str, frames: np.ndarray) -> None:
+    def __init__(self, name: str, frames: np.ndarray, progress: bool) -> None:
         self.name, self.frames, self.index = name, frames, 0
+        self.bar = tqdm(total=len(frames), desc="calibrating", unit="frame", disable=not progress)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.index >= len(self.frames):
+            self.bar.close()
             return None
         self.index += 1
+        self.bar.update()
         return {self.name: self.frames[self.index - 1 : self.index]}
 
 
@@ -73,6 +79,7 @@ def quantize_bundle(
     calib: Path | None,
     *,
     mode: str = "static",
+    target: str = "cpu",
     out: Path | None = None,
     count: int = 64,
     data: Path | None = None,
@@ -85,7 +92,8 @@ def quantize_bundle(
     Args:
         calib: folder of frames (any image files below it; masks are skipped) to calibrate activation ranges;
             required for `static`, unused by `dynamic`.
-        mode: "static" (QDQ, calibrated; for TensorRT) or "dynamic" (MatMul weights int8; for CPU serving).
+        mode: "static" (QDQ, calibrated) or "dynamic" (MatMul weights int8, activation ranges per call).
+        target: static mode's op set: "cpu" (MatMul) or "tensorrt" (MatMul, Conv, Gemm).
         count: calibration frames drawn from `calib`.
         data: labelled dataset (EndoARSS layout) to score fp32 vs INT8 on `split`; None skips the scoring.
     """
@@ -93,6 +101,8 @@ def quantize_bundle(
 
     if mode not in MODES:
         raise ValueError(f"quantisation mode {mode!r} is not one of {MODES}")
+    if target not in TARGET_OPS:
+        raise ValueError(f"quantisation target {target!r} is not one of {tuple(TARGET_OPS)}")
     if mode == "static" and calib is None:
         raise ValueError("static quantisation calibrates on frames: pass --calib DIR (e.g. DATA/train)")
     bundle = Path(bundle)
@@ -103,24 +113,24 @@ def quantize_bundle(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} is not empty; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    target = out / manifest.model_file
+    model_out = out / manifest.model_file
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # ORT's symbolic shape inference does not read the exporter's attribute-valued Constant nodes; ONNX shape
         # inference (kept) covers the static shapes the quantiser needs.
         quant_pre_process(str(bundle / manifest.model_file), str(prepared), skip_symbolic_shape=True)
         if mode == "static":
-            details = _quantize_static(prepared, target, manifest.input.name, calib, manifest, count)
+            details = _quantize_static(prepared, model_out, calib, manifest, count, target, progress)
         else:
-            details = _quantize_dynamic(prepared, target)
-    check_graph(target)
+            details = _quantize_dynamic(prepared, model_out)
+    check_graph(model_out)
     checks: dict[str, Any] = {
         **manifest.checks,
         "quantization": {"mode": mode, **details, "fp32_model_sha256": manifest.model_sha256},
     }
     if data is not None:
         fp32 = evaluate_graph(bundle / manifest.model_file, manifest, data, split=split, progress=progress)
-        int8 = evaluate_graph(target, manifest, data, split=split, progress=progress)
+        int8 = evaluate_graph(model_out, manifest, data, split=split, progress=progress)
         checks["accuracy"] = {
             "split": split,
             "images": fp32["images"],
@@ -129,41 +139,60 @@ def quantize_bundle(
             "delta": {k: int8[k] - fp32[k] for k in ("activity_accuracy", "miou") if k in fp32},
         }
         logger.info("INT8 vs fp32 on %s/%s: %s", data, split, checks["accuracy"]["delta"])
-    quantized = replace(manifest, precision="int8", model_sha256=sha256_file(target), checks=checks)
+    quantized = replace(manifest, precision="int8", model_sha256=sha256_file(model_out), checks=checks)
     write_manifest(out, quantized)
     return quantized
 
 
 def _quantize_static(
-    prepared: Path, target: Path, input_name: str, calib: Path, manifest: Manifest, count: int
+    prepared: Path, model_out: Path, calib: Path, manifest: Manifest, count: int, target: str, progress: bool
 ) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    ops = TARGET_OPS[target]
     frames = calibration_frames(calib, manifest.input.height, manifest.input.width, count)
-    logger.info("calibrating on %d frames from %s", len(frames), calib)
+    stacked = stacked_matmul_weights(onnx.load(str(prepared)))
+    logger.info("calibrating on %d frames from %s (%s: Q/DQ on the inputs of %s)", len(frames), calib, target, ops)
     quantize_static(
         str(prepared),
-        str(target),
-        _FrameReader(input_name, frames),
+        str(model_out),
+        _FrameReader(manifest.input.name, frames, progress),
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=QUANTIZED_OPS,
+        op_types_to_quantize=ops,
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        extra_options={
+            "OpTypesToExcludeOutputQuantization": ops,
+            "TensorQuantOverrides": {name: [{"symmetric": True}] for name in stacked},  # per tensor
+        },
     )
     return {
         "format": "QDQ",
-        "ops": QUANTIZED_OPS,
-        "weights": "int8 per channel",
+        "target": target,
+        "ops": ops,
+        "placement": "inputs",
+        "weights": "int8 per channel (stacked per-task weights per tensor)",
         "activations": "uint8 per tensor, MinMax",
         "calibration_frames": len(frames),
         "calibration_source": str(calib),
     }
 
 
-def _quantize_dynamic(prepared: Path, target: Path) -> dict[str, Any]:
+def stacked_matmul_weights(model: onnx.ModelProto) -> list[str]:
+    """Initializers of rank 3+ that feed a MatMul: the per-task weights stacked along a leading task axis.
+
+    ORT's per-channel default axis for MatMul weights is 1, the reduction axis of a 3-D weight, and its fused int8
+    kernel takes a 3-D weight's scales only as (tasks, 1, columns), which a DequantizeLinear axis cannot express.
+    """
+    ranks = {init.name: len(init.dims) for init in model.graph.initializer}
+    matmul_inputs = {name for node in model.graph.node if node.op_type == "MatMul" for name in node.input}
+    return sorted(name for name in matmul_inputs if ranks.get(name, 0) >= 3)
+
+
+def _quantize_dynamic(prepared: Path, model_out: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(prepared), str(target), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    quantize_dynamic(str(prepared), str(model_out), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
     return {"format": "integer MatMul", "ops": ["MatMul"], "weights": "int8 per tensor", "activations": "dynamic"}

@@ -26,13 +26,64 @@ def int8_bundle(endoarss_bundle: Path, labelled_data: Path, tmp_path_factory: py
     return out
 
 
-def test_int8_graph_is_qdq_with_int8_weights(int8_bundle: Path):
+def _int8_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2}
+
+
+def _dequantized_inputs(model: onnx.ModelProto, op_type: str) -> list[list[bool]]:
+    """For each `op_type` node, whether each of its first two inputs comes out of a DequantizeLinear."""
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [[name in dequantized for name in n.input[:2]] for n in model.graph.node if n.op_type == op_type]
+
+
+def test_int8_graph_is_qdq_on_matmul_inputs_with_int8_weights(int8_bundle: Path):
     model = onnx.load(str(int8_bundle / MODEL_FILE))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
-    int8_weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
-    assert len(int8_weights) >= 10  # qkv / proj / fc1 / fc2 per block and the head convolutions
+    assert len(_int8_weights(model)) == 8  # qkv / proj / fc1 / fc2 in each of the 2 blocks
+    assert all(all(pair) for pair in _dequantized_inputs(model, "MatMul"))
+    convolutions = _dequantized_inputs(model, "Conv")
+    assert convolutions and not any(any(pair) for pair in convolutions)  # cpu target: float convolutions
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_stacked_task_weights_are_per_tensor_and_the_rest_per_channel(int8_bundle: Path):
+    model = onnx.load(str(int8_bundle / MODEL_FILE))
+    initializers = {i.name: i for i in model.graph.initializer}
+    int8 = _int8_weights(model)
+    scales = {n.input[0]: initializers[n.input[1]] for n in model.graph.node if n.input[0] in int8}
+    stacked = [name for name, weight in int8.items() if len(weight.dims) == 3]
+    assert len(stacked) == 2  # the per-task qkv of each of the 2 blocks, shape (tasks, dim, 3 dim)
+    for name, weight in int8.items():
+        columns = weight.dims[-1]
+        assert list(scales[name].dims) == ([] if len(weight.dims) == 3 else [columns]), name
+
+
+def test_onnxruntime_runs_every_quantised_matmul_as_one_int8_kernel(int8_bundle: Path, tmp_path: Path):
+    """Q/DQ sit on MatMul inputs, so ORT's CPU provider runs each DQ -> MatMul as one int8 kernel: MatMulIntegerToFloat,
+    or QLinearMatMul where the result feeds another MatMul's quantised input."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(int8_bundle / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    before = [n.op_type for n in onnx.load(str(int8_bundle / MODEL_FILE)).graph.node]
+    after = [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert after.count("MatMulIntegerToFloat") + after.count("QLinearMatMul") == before.count("MatMul") > 0
+    assert after.count("MatMulIntegerToFloat") >= 8  # every weight matmul keeps a float result
+    assert "MatMul" not in after and "DequantizeLinear" not in after
+
+
+def test_tensorrt_target_also_quantises_convolutions(endoarss_bundle: Path, labelled_data: Path, tmp_path: Path):
+    manifest = quantize_bundle(endoarss_bundle, labelled_data / "train", target="tensorrt", out=tmp_path, count=4)
+    assert manifest.checks["quantization"]["target"] == "tensorrt"
+    model = onnx.load(str(tmp_path / MODEL_FILE))
+    convolutions = _dequantized_inputs(model, "Conv")
+    assert convolutions and all(all(pair) for pair in convolutions)
+    assert len(_int8_weights(model)) == 8 + len(convolutions) + 1  # and the activity classifier (Gemm)
+    with pytest.raises(ValueError, match="target 'gpu'"):
+        quantize_bundle(endoarss_bundle, labelled_data, target="gpu", out=tmp_path / "other")
 
 
 def test_manifest_records_precision_provenance_and_accuracy_delta(int8_bundle: Path, endoarss_bundle: Path):
