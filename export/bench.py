@@ -2,7 +2,9 @@
 
 Each variant (bundle or group of bundles x backend + precision) gets a warm-up, then timed calls at batch 1
 (p50/p95/p99/max) and a throughput sweep over batch sizes. Frames are generated endoscopy frames at the bundles' input
-size, so every variant sees the same inputs. Ratios against the first variant are reported (> 1 = faster than it).
+size, so every variant sees the same inputs. The variants' calls are interleaved in rounds, so a change in the
+machine's speed during the run (other load, clocks) lands on all of them alike. Ratios against the first variant are
+reported (> 1 = faster than it), next to the accuracy cost an INT8 bundle's manifest records.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from export.onnx_export import generated_frames
 
 BACKENDS = ("onnxruntime", "torch")  # tensorrt joins with its engine builder
 DEFAULT_BATCHES = (1, 2, 4, 8)
+ROUNDS = 10
 
 Runner = Callable[[np.ndarray], Any]
 
@@ -91,14 +94,21 @@ def torch_runner(manifest: Manifest, precision: str, device: str) -> Runner:
     return run
 
 
-def time_calls(run: Runner, frames: np.ndarray, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        run(frames)
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(frames)
-        seconds.append(time.perf_counter() - start)
+def time_interleaved(
+    runners: Sequence[Runner], frames: np.ndarray, warmup: int, runs: int, rounds: int = ROUNDS
+) -> list[list[float]]:
+    """Per runner, `runs` timed calls on `frames`, taken in `rounds` alternating slices after `warmup` calls each."""
+    for run in runners:
+        for _ in range(warmup):
+            run(frames)
+    seconds: list[list[float]] = [[] for _ in runners]
+    for index in range(rounds):
+        share = runs // rounds + (1 if index < runs % rounds else 0)
+        for run, timings in zip(runners, seconds, strict=True):
+            for _ in range(share):
+                start = time.perf_counter()
+                run(frames)
+                timings.append(time.perf_counter() - start)
     return seconds
 
 
@@ -146,7 +156,7 @@ def bench_engine(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Benchmark every bundle group x variant (e.g. ["onnxruntime", "torch"]) one after another on the same frames.
+    """Benchmark every bundle group x variant (e.g. ["onnxruntime", "torch"]) side by side on the same frames.
 
     Args:
         bundles: bundle folders; "a+b" is a group whose bundles all run on every call (e.g. one graph per task,
@@ -163,25 +173,39 @@ def bench_engine(
     if threads:
         torch.set_num_threads(threads)
     frames = generated_frames(max(batches), height, width)
-    results: list[VariantResult] = []
+    labels: list[tuple[str, str, str]] = []  # (variant, backend, precision)
+    runners: list[Runner] = []
     for spec, paths in groups.items():
         for text in variants:
             backend, asked = parse_variant(text)
             precision = asked or (manifests[spec][0].precision if backend == "onnxruntime" else "fp32")
-            run = _group_runner(paths, manifests[spec], backend, precision, threads, device)
-            label = text if len(groups) == 1 else f"{spec} {text}"
-            batch1 = time_calls(run, frames[:1], warmup, runs)
-            result = VariantResult(label, backend, precision, LatencyStats.of(batch1))
-            for batch in tqdm(batches, desc=f"{label} throughput", disable=not progress, leave=False):
-                seconds = time_calls(run, frames[:batch], max(2, warmup // 2), max(10, runs // 4))
+            runners.append(_group_runner(paths, manifests[spec], backend, precision, threads, device))
+            labels.append((text if len(groups) == 1 else f"{spec} {text}", backend, precision))
+    with tqdm(total=1 + len(batches), desc="timing: batch 1 latency, then throughput", disable=not progress) as bar:
+        latency = time_interleaved(runners, frames[:1], warmup, runs)
+        results = [VariantResult(*label, LatencyStats.of(s)) for label, s in zip(labels, latency, strict=True)]
+        bar.update()
+        for batch in batches:
+            calls = time_interleaved(runners, frames[:batch], max(2, warmup // 2), max(10, runs // 4))
+            for result, seconds in zip(results, calls, strict=True):
                 result.throughput_fps[batch] = batch / statistics.median(seconds)
-            result.best_batch = max(result.throughput_fps, key=result.throughput_fps.get)
-            result.best_fps = result.throughput_fps[result.best_batch]
-            results.append(result)
+            bar.update()
+    for result in results:
+        result.best_batch = max(result.throughput_fps, key=result.throughput_fps.get)
+        result.best_fps = result.throughput_fps[result.best_batch]
     first = results[0]
     return {
         "bundles": {
-            spec: [{"family": m.family, "name": m.name, "tasks": [t.name for t in m.tasks]} for m in group]
+            spec: [
+                {
+                    "family": m.family,
+                    "name": m.name,
+                    "precision": m.precision,
+                    "tasks": [t.name for t in m.tasks],
+                    "accuracy": m.checks.get("accuracy"),
+                }
+                for m in group
+            ]
             for spec, group in manifests.items()
         },
         "input": {"height": height, "width": width},
@@ -215,7 +239,8 @@ def _machine(threads: int | None, device: str) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown: one row per variant, batch-1 percentiles, best throughput, ratios against the first variant."""
+    """Markdown: one row per variant, batch-1 percentiles, best throughput, ratios against the first variant; then a
+    line per bundle whose manifest scored it against its fp32 graph (INT8)."""
     lines = [
         "| Variant | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | best fps (batch) | ×p50 vs first | ×fps vs first |",
         "|:---|---:|---:|---:|---:|---:|---:|---:|",
@@ -227,4 +252,12 @@ def format_table(report: dict[str, Any]) -> str:
             f"{v['best_fps']:.1f} ({v['best_batch']}) | {ratio['batch1_p50_speedup']:.2f} | "
             f"{ratio['throughput_speedup']:.2f} |"
         )
+    for spec, group in report["bundles"].items():
+        for bundle in group:
+            if accuracy := bundle.get("accuracy"):
+                delta = ", ".join(f"{k} {100 * v:+.2f} pt" for k, v in accuracy["delta"].items())
+                lines.append(
+                    f"\n{spec} ({bundle['precision']}) vs its fp32 graph on {accuracy['split']} "
+                    f"({accuracy['images']} images): {delta}"
+                )
     return "\n".join(lines)

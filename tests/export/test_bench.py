@@ -6,11 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from endostream.cli import main
-from export.bench import bench_engine, format_table, parse_variant
+from export.bench import bench_engine, format_table, parse_variant, time_interleaved
 from export.onnx_export import export_onnx
+from export.quantize import quantize_bundle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -90,3 +92,26 @@ def test_per_task_graphs_run_as_a_group_next_to_the_fused_graph(
     with pytest.raises(ValueError, match="one input size"):
         export_onnx(endoarss_ckpt, tmp_path / "small", height=32, width=32)
         bench_engine([endoarss_bundle, tmp_path / "small"], ["onnxruntime"], batches=(1,), runs=1, progress=False)
+
+
+def test_variants_are_timed_in_alternating_rounds():
+    order: list[str] = []
+    runners = [lambda frames, name=name: order.append(name) for name in "ab"]
+    seconds = time_interleaved(runners, np.zeros(1), warmup=1, runs=5, rounds=2)
+    assert [len(s) for s in seconds] == [5, 5]
+    assert "".join(order) == "ab" + "aaabbb" + "aabb"  # warm-up, then round shares 3 and 2
+
+
+def test_int8_bundle_runs_next_to_its_fp32_graph_with_its_accuracy_cost(
+    endoarss_bundle: Path, labelled_data: Path, tmp_path: Path
+):
+    quantize_bundle(endoarss_bundle, None, mode="dynamic", out=tmp_path / "int8", data=labelled_data, progress=False)
+    report = bench_engine(
+        [endoarss_bundle, tmp_path / "int8"], ["onnxruntime"], batches=(1,), warmup=1, runs=2, progress=False
+    )
+    assert [v["precision"] for v in report["variants"]] == ["fp32", "int8"]
+    accuracy = report["bundles"][str(tmp_path / "int8")][0]["accuracy"]
+    assert report["bundles"][str(endoarss_bundle)][0]["accuracy"] is None
+    miou = 100 * accuracy["delta"]["miou"]
+    assert f"{tmp_path / 'int8'} (int8) vs its fp32 graph on test ({accuracy['images']} images)" in format_table(report)
+    assert f"miou {miou:+.2f} pt" in format_table(report)
