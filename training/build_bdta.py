@@ -12,9 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from training.backbones import build_backbone
 from training.config import ModelConfig
-from training.factory import build_task_heads, check_image_size
+from training.factory import build_configured_backbone, build_task_heads, check_image_size
 from training.layers.bdta import BDTA
 from training.layers.mote import MoTE
 from training.models.bdta import BDTAMoTE, evenly_spaced_blocks
@@ -50,8 +49,7 @@ def build(
             "model.sma.enabled=false model.adapters.shared_rank=0 model.adapters.task_rank=0"
         )
     section = cfg.bdta
-    checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
-    backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
+    backbone = build_configured_backbone(cfg.backbone, load_weights=load_backbone_weights, frozen=True)
     height, width = check_image_size(cfg, backbone.patch_size)
     patch = backbone.patch_size
     blocks = (

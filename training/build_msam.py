@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from training.adapters import mark_only_adapters_trainable, unfreeze_layer_norms
-from training.backbones import build_backbone
 from training.config import ModelConfig
 from training.convert_sam_decoder import DecoderCheckpoint, load_sam_decoder_weights
-from training.factory import attach_adapters, check_image_size
+from training.factory import attach_adapters, build_configured_backbone, check_image_size
 from training.models.msam import MSAM, SINGLE_MASK
 from training.models.sam_decoder import DensePositionEncoding, SamMaskDecoder
 from training.models.sam_encoder import SamImageEncoder
@@ -63,8 +62,7 @@ def build(
     """
     if cfg.sma.enabled:
         raise ValueError("model.family msam has no SMA (SAM sees the normalised image): set model.sma.enabled=false")
-    checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
-    backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
+    backbone = build_configured_backbone(cfg.backbone, load_weights=load_backbone_weights, frozen=cfg.backbone.freeze)
     if not isinstance(backbone, SamImageEncoder):
         raise ValueError(
             f"model.family msam needs a SAM image encoder (sam_vitb, sam_vitl, sam_vith, sam_tiny); "

@@ -34,7 +34,7 @@ from training.adapters import AdapterConfig, apply_adapters, iter_adapter_layers
 from training.backbones import build_backbone
 from training.config import ExperimentConfig, ModelConfig, SAKSection, TeacherSpec, write_config
 from training.distill import TeacherBank, TeacherView, distillation_losses, evenly_spaced_levels
-from training.factory import check_image_size
+from training.factory import build_configured_backbone, check_image_size
 from training.models.sak import SAK, MoRRouter, MultiLevelSegmentationHead, PooledActivityHead, TeacherSpecificPath
 from training.models.vit import VisionTransformer
 from training.teacher_cache import TeacherFeatureCache, collate_images, default_cache_dir, teacher_fingerprint
@@ -59,8 +59,8 @@ def build(
     from `model.sak.teachers[*].dim`, which building with teachers records.
     """
     sak = cfg.sak
-    checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
-    backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
+    # SAK trains its student stem whatever model.backbone.freeze says
+    backbone = build_configured_backbone(cfg.backbone, load_weights=load_backbone_weights, frozen=False)
     if not isinstance(backbone, VisionTransformer):
         raise ValueError(
             f"model.backbone.name {cfg.backbone.name!r} builds a {type(backbone).__name__}; the SAK stem must be a "

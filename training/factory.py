@@ -16,7 +16,7 @@ from training.adapters import (
     prepare_for_merged_weights,
 )
 from training.backbones import build_backbone, describe
-from training.config import ModelConfig
+from training.config import BackboneConfig, ModelConfig
 from training.layers.sma import SMA
 from training.models.endoarss import EndoARSS
 from training.models.heads import ActivityHead, SegmentationHead, aspp_rates_for_grid
@@ -94,8 +94,7 @@ def build_endoarss(
     merged: bool = False,
 ) -> EndoARSS:
     """EndoARSS (paper): DINOv2 + shared LoRA + TESLA per-task streams + SMA, ASPP and activity heads."""
-    checkpoint = cfg.backbone.checkpoint if load_backbone_weights else None
-    backbone = build_backbone(cfg.backbone.name, checkpoint, **dict(cfg.backbone.overrides))
+    backbone = build_configured_backbone(cfg.backbone, load_weights=load_backbone_weights, frozen=cfg.backbone.freeze)
     height, width = check_image_size(cfg, backbone.patch_size)
     patch = backbone.patch_size
     names = [t["name"] for t in tasks]
@@ -124,6 +123,23 @@ def build_endoarss(
         pixel_mean=tuple(cfg.pixel_mean),
         pixel_std=tuple(cfg.pixel_std),
     )
+
+
+def build_configured_backbone(section: BackboneConfig, *, load_weights: bool, frozen: bool) -> nn.Module:
+    """The backbone `section` names, with the pretrained weights of `section.checkpoint` when `load_weights`.
+
+    A `frozen` backbone without a checkpoint stays at its random init for the whole run. That can be meant (the CPU
+    `tiny_bdta` config does it on purpose: adapters and heads learn on random features) but usually means a missing
+    `model.backbone.checkpoint`, so it is said once, loudly.
+    """
+    checkpoint = section.checkpoint if load_weights else None
+    if load_weights and frozen and checkpoint is None:
+        logger.warning(
+            "backbone %s is frozen at its random init (no model.backbone.checkpoint): only adapters and heads will "
+            "learn. Point model.backbone.checkpoint at a local pretrained file, or set model.backbone.freeze=false",
+            section.name,
+        )
+    return build_backbone(section.name, checkpoint, **dict(section.overrides))
 
 
 def check_image_size(cfg: ModelConfig, patch: int) -> tuple[int, int]:

@@ -1,5 +1,7 @@
 """EndoARSS assembly: batched per-task streams, gradient separation, frozen base, switchable SMA, paper config."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,17 @@ def test_outputs_and_streams():
     assert out["segmentation"].shape == (2, 4, 32, 48)
     single = build_model(load_config("tiny", [*SMALL, "model.adapters.task_rank=0"]).model, TASKS)
     assert not single.per_task_streams  # no per-task weights: one shared stream feeds both heads
+
+
+def test_a_frozen_backbone_left_at_random_init_is_reported(caplog: pytest.LogCaptureFixture):
+    frozen = load_config("tiny", [*SMALL, "model.backbone.freeze=true"]).model
+    with caplog.at_level(logging.WARNING, logger="training.factory"):
+        build_model(frozen, TASKS)
+        assert "vit_tiny_p8 is frozen at its random init" in caplog.text and "model.backbone.checkpoint" in caplog.text
+        caplog.clear()
+        build_model(load_config("tiny", SMALL).model, TASKS)  # trained from scratch on purpose
+        build_model(frozen, TASKS, load_backbone_weights=False)  # a full checkpoint is loaded next
+    assert "random init" not in caplog.text
 
 
 def test_batched_streams_equal_one_task_at_a_time():
