@@ -137,8 +137,11 @@ def _group_runner(
                 raise ValueError(f"{bundle} holds an {manifest.precision} graph; onnxruntime runs it as it is")
             runners.append(onnxruntime_runner(bundle, manifest, threads))
         else:
-            if precision == "int8":
-                raise ValueError("the torch backend runs fp32, fp16 or bf16; INT8 is an onnxruntime bundle")
+            if precision == "int8" or manifest.precision == "int8":
+                raise ValueError(
+                    f"the torch backend runs a bundle's fp32 source checkpoint in fp32, fp16 or bf16, so it would not "
+                    f"time the INT8 graph of {bundle}; bench that bundle with onnxruntime only"
+                )
             runners.append(torch_runner(manifest, precision, device))
     if len(runners) == 1:
         return runners[0]
@@ -252,12 +255,11 @@ def format_table(report: dict[str, Any]) -> str:
             f"{v['best_fps']:.1f} ({v['best_batch']}) | {ratio['batch1_p50_speedup']:.2f} | "
             f"{ratio['throughput_speedup']:.2f} |"
         )
-    for spec, group in report["bundles"].items():
-        for bundle in group:
-            if accuracy := bundle.get("accuracy"):
-                delta = ", ".join(f"{k} {100 * v:+.2f} pt" for k, v in accuracy["delta"].items())
-                lines.append(
-                    f"\n{spec} ({bundle['precision']}) vs its fp32 graph on {accuracy['split']} "
-                    f"({accuracy['images']} images): {delta}"
-                )
-    return "\n".join(lines)
+    costs = [
+        f"{spec} ({bundle['precision']}) vs its fp32 graph on {accuracy['split']} ({accuracy['images']} images): "
+        + ", ".join(f"{k} {100 * v:+.2f} pt" for k, v in accuracy["delta"].items())
+        for spec, group in report["bundles"].items()
+        for bundle in group
+        if (accuracy := bundle.get("accuracy"))
+    ]
+    return "\n".join(lines + ([""] + costs if costs else []))

@@ -115,3 +115,5 @@ def test_int8_bundle_runs_next_to_its_fp32_graph_with_its_accuracy_cost(
     miou = 100 * accuracy["delta"]["miou"]
     assert f"{tmp_path / 'int8'} (int8) vs its fp32 graph on test ({accuracy['images']} images)" in format_table(report)
     assert f"miou {miou:+.2f} pt" in format_table(report)
+    with pytest.raises(ValueError, match="would not time the INT8 graph"):
+        bench_engine([tmp_path / "int8"], ["torch"], batches=(1,), warmup=0, runs=1, progress=False)
