@@ -25,6 +25,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnx
 import torch
 
 from export.checks import (
@@ -36,6 +37,7 @@ from export.checks import (
     initializer_sizes,
 )
 from export.graph import INPUT_NAME, BundleGraph, GraphOutput, prepare_for_export
+from export.graph_passes import reorder_gelu_for_fusion
 from export.manifest import MODEL_FILE, InputSpec, Manifest, TaskEntry, sha256_file, write_manifest
 from training.checkpoint import WEIGHTS_FILE, load_checkpoint
 from training.data.synth import render_image
@@ -157,6 +159,7 @@ def export_onnx(
                 dynamo=True,
                 optimize=False,
             )
+        passes = _shape_for_onnxruntime(path)
         proto = check_graph(path)
         leftovers = adapter_initializers(proto)
         if leftovers:
@@ -195,6 +198,7 @@ def export_onnx(
             "onnx_checker": "full",
             "parity": parity.to_dict(),
             "weights": sum(initializer_sizes(proto).values()),
+            "graph_passes": passes,
             "source_checkpoint": str(checkpoint),
             "source_merged": ckpt.merged,
             **({"torch_program": program} if program else {}),
@@ -204,6 +208,16 @@ def export_onnx(
     seconds = time.perf_counter() - started
     logger.info("bundle written to %s in %.1f s", out, seconds)
     return ExportResult(out, manifest, seconds)
+
+
+def _shape_for_onnxruntime(path: Path) -> dict[str, int]:
+    """Apply the exact graph rewrites of `export.graph_passes` to the saved graph; how many sites each changed."""
+    model = onnx.load(str(path))
+    passes = {"gelu_reordered_for_fusion": reorder_gelu_for_fusion(model)}
+    if any(passes.values()):
+        onnx.save(model, str(path))
+    logger.info("graph passes: %s", passes)
+    return passes
 
 
 def _export_torch_program(
