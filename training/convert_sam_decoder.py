@@ -45,19 +45,15 @@ _ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_to
 _PROJECTIONS = tuple(f"{p}_proj.{t}" for p in ("q", "k", "v", "out") for t in ("weight", "bias"))
 _PARAMS = ("weight", "bias")
 
-# Official segment_anything layout -> ours: only the token MLP is renamed (our `Mlp` calls its layers fc1/fc2).
-FROM_SAM_DECODER_MAP: dict[str, str] = {
+# Keys both source layouts (after `_hf_feedforward_to_sam` for Hugging Face) share with ours; the token MLP is renamed
+# (our `Mlp` calls its layers fc1/fc2).
+_COMMON_DECODER_KEYS: dict[str, str] = {
     "iou_token.weight": "iou_token.weight",
     "mask_tokens.weight": "mask_tokens.weight",
     **{
         f"transformer.layers.{{}}.{a}.{p}": f"transformer.layers.{{}}.{a}.{p}"
         for a in _ATTENTIONS
         for p in _PROJECTIONS
-    },
-    **{
-        f"transformer.layers.{{}}.norm{n}.{t}": f"transformer.layers.{{}}.norm{n}.{t}"
-        for n in range(1, 5)
-        for t in _PARAMS
     },
     **{
         f"transformer.layers.{{}}.mlp.lin{n}.{t}": f"transformer.layers.{{}}.mlp.fc{n}.{t}"
@@ -67,50 +63,41 @@ FROM_SAM_DECODER_MAP: dict[str, str] = {
     **{
         f"transformer.final_attn_token_to_image.{p}": f"transformer.final_attn_token_to_image.{p}" for p in _PROJECTIONS
     },
-    **{f"transformer.norm_final_attn.{t}": f"transformer.norm_final_attn.{t}" for t in _PARAMS},
-    **{f"output_upscaling.{i}.{t}": f"output_upscaling.{i}.{t}" for i in (0, 1, 3) for t in _PARAMS},
     **{
         f"output_hypernetworks_mlps.{{}}.layers.{{}}.{t}": f"output_hypernetworks_mlps.{{}}.layers.{{}}.{t}"
         for t in _PARAMS
     },
     **{f"iou_prediction_head.layers.{{}}.{t}": f"iou_prediction_head.layers.{{}}.{t}" for t in _PARAMS},
+}
+
+# Official segment_anything layout -> ours: the norms and the upscaling keep their names.
+FROM_SAM_DECODER_MAP: dict[str, str] = {
+    **_COMMON_DECODER_KEYS,
+    **{
+        f"transformer.layers.{{}}.norm{n}.{t}": f"transformer.layers.{{}}.norm{n}.{t}"
+        for n in range(1, 5)
+        for t in _PARAMS
+    },
+    **{f"transformer.norm_final_attn.{t}": f"transformer.norm_final_attn.{t}" for t in _PARAMS},
+    **{f"output_upscaling.{i}.{t}": f"output_upscaling.{i}.{t}" for i in (0, 1, 3) for t in _PARAMS},
 }
 # Our own state dicts pass through these identity entries.
 FROM_OURS_ALIASES: dict[str, str] = {
     f"transformer.layers.{{}}.mlp.fc{n}.{t}": f"transformer.layers.{{}}.mlp.fc{n}.{t}" for n in (1, 2) for t in _PARAMS
 }
 
-# Hugging Face `SamMaskDecoder` (after `_hf_feedforward_to_sam`) -> ours.
+# Hugging Face `SamMaskDecoder` (after `_hf_feedforward_to_sam`) -> ours: its norms and upscaling layers are named.
 FROM_HF_SAM_DECODER_MAP: dict[str, str] = {
-    "iou_token.weight": "iou_token.weight",
-    "mask_tokens.weight": "mask_tokens.weight",
-    **{
-        f"transformer.layers.{{}}.{a}.{p}": f"transformer.layers.{{}}.{a}.{p}"
-        for a in _ATTENTIONS
-        for p in _PROJECTIONS
-    },
+    **_COMMON_DECODER_KEYS,
     **{
         f"transformer.layers.{{}}.layer_norm{n}.{t}": f"transformer.layers.{{}}.norm{n}.{t}"
         for n in range(1, 5)
         for t in _PARAMS
     },
-    **{
-        f"transformer.layers.{{}}.mlp.lin{n}.{t}": f"transformer.layers.{{}}.mlp.fc{n}.{t}"
-        for n in (1, 2)
-        for t in _PARAMS
-    },
-    **{
-        f"transformer.final_attn_token_to_image.{p}": f"transformer.final_attn_token_to_image.{p}" for p in _PROJECTIONS
-    },
     **{f"transformer.layer_norm_final_attn.{t}": f"transformer.norm_final_attn.{t}" for t in _PARAMS},
     **{f"upscale_conv1.{t}": f"output_upscaling.0.{t}" for t in _PARAMS},
     **{f"upscale_layer_norm.{t}": f"output_upscaling.1.{t}" for t in _PARAMS},
     **{f"upscale_conv2.{t}": f"output_upscaling.3.{t}" for t in _PARAMS},
-    **{
-        f"output_hypernetworks_mlps.{{}}.layers.{{}}.{t}": f"output_hypernetworks_mlps.{{}}.layers.{{}}.{t}"
-        for t in _PARAMS
-    },
-    **{f"iou_prediction_head.layers.{{}}.{t}": f"iou_prediction_head.layers.{{}}.{t}" for t in _PARAMS},
 }
 
 # SamMaskDecoderConfig defaults (transformers 5.23) for fields an older config.json may omit.
