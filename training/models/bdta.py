@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from training.layers.mote import MoTE
 from training.models.heads import run_task_heads
+from training.models.multitask import MultiTaskModel
 
 
 def evenly_spaced_blocks(depth: int, stages: int) -> tuple[int, ...]:
@@ -41,7 +42,7 @@ def evenly_spaced_blocks(depth: int, stages: int) -> tuple[int, ...]:
     return tuple((i + 1) * depth // stages - 1 for i in range(stages))
 
 
-class BDTAMoTE(nn.Module):
+class BDTAMoTE(MultiTaskModel):
     """Multi-task model: frozen ViT main branch + BDTA bypass branch + MoTE + per-task heads."""
 
     # Containers keyed by task name: a parameter under `<container>.<task>.` belongs to that task only.
@@ -101,8 +102,7 @@ class BDTAMoTE(nn.Module):
         self.heads = heads
         self.task_kinds = dict(task_kinds)
         self.blocks = blocks
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -112,10 +112,6 @@ class BDTAMoTE(nn.Module):
         super().train(mode)
         self.backbone.eval()  # the main branch is frozen: its dropout / stochastic depth never switch on
         return self
-
-    def normalize(self, images: Tensor) -> Tensor:
-        """RGB images in 0-255 (uint8 or float), B 3 H W -> ImageNet-normalised float."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
 
     def forward_main(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Frozen main branch (eq. 1) on a normalised B 3 H W image, without autograd.
@@ -136,10 +132,7 @@ class BDTAMoTE(nn.Module):
 
     def forward_features(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Per-task spatial feature maps (B D h w) from MoTE, for `tasks` (default all)."""
-        tasks = tuple(tasks) if tasks is not None else self.tasks
-        unknown = [t for t in tasks if t not in self.heads]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this model has {list(self.tasks)}")
+        tasks = self.requested_tasks(tasks)
         x = self.normalize(images)  # B 3 H W
         grid = self.backbone.grid_size(x.shape[-2], x.shape[-1])
         embed, general = self.forward_main(x)

@@ -17,14 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 
-import torch
 from torch import Tensor, nn
 
 from training.adapters import active_tasks
 from training.models.heads import run_task_heads
+from training.models.multitask import MultiTaskModel
 
 
-class EndoARSS(nn.Module):
+class EndoARSS(MultiTaskModel):
     """Multi-task endoscopy model: activity recognition + semantic segmentation from one backbone pass."""
 
     def __init__(
@@ -56,24 +56,15 @@ class EndoARSS(nn.Module):
         self.task_kinds = dict(task_kinds)
         self.sma = sma
         self.per_task_streams = per_task_streams
-        # Non-persistent: constants of the architecture, not weights (SAM `modeling/sam.py` pattern).
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.heads.keys())
 
-    def normalize(self, images: Tensor) -> Tensor:
-        """RGB images in 0-255 (uint8 or float), B 3 H W -> ImageNet-normalised float."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
-
     def forward_features(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Per-task spatial feature maps (B D h w) from the final normalised patch tokens."""
-        tasks = tuple(tasks) if tasks is not None else self.tasks
-        unknown = [t for t in tasks if t not in self.heads]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this model has {list(self.tasks)}")
+        tasks = self.requested_tasks(tasks)
         x = self.normalize(images)  # B 3 H W
         if self.sma is not None:
             x = self.sma(x)

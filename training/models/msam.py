@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.adapters import active_tasks, iter_adapter_layers, merge_and_unload
+from training.models.multitask import MultiTaskModel
 from training.models.sam_decoder import DensePositionEncoding
 from training.models.sam_encoder import SamImageEncoder
 
 SINGLE_MASK = 0  # the mask token SAM uses when one output is asked for (multimask_output=False)
 
 
-class MSAM(nn.Module):
+class MSAM(MultiTaskModel):
     """Multi-task SAM: one encoder pass for all task streams, then one mask decoder per task."""
 
     def __init__(
@@ -85,24 +86,15 @@ class MSAM(nn.Module):
         self.pe_layer = pe_layer
         self.per_task_streams = per_task_streams
         self.classifier_dropout = nn.Dropout(classifier_dropout)
-        # Non-persistent: constants of the architecture, not weights (SAM `modeling/sam.py` pattern).
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.decoders.keys())
 
-    def normalize(self, images: Tensor) -> Tensor:
-        """RGB images in 0-255 (uint8 or float), B 3 H W -> normalised float."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
-
     def forward_features(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Per-task image embeddings (B C h w, the neck output) from one batched encoder pass."""
-        tasks = tuple(tasks) if tasks is not None else self.tasks
-        unknown = [t for t in tasks if t not in self.decoders]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this model has {list(self.tasks)}")
+        tasks = self.requested_tasks(tasks)
         x = self.normalize(images)  # B 3 H W
         batch = x.shape[0]
         tokens = self.backbone.prepare_tokens(x)  # B h w D

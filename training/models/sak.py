@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from training.adapters import iter_adapter_layers, merge_and_unload
 from training.distill import TeacherBank, distillation_losses
 from training.models.heads import ActivityHead
+from training.models.multitask import MultiTaskModel
 
 NOISE_FLOOR = 0.01  # added to the softplus noise scale (public code)
 TEACHERS = "teachers"  # module name of the TeacherBank; its keys never enter a state dict
@@ -203,7 +204,7 @@ class PooledActivityHead(nn.Module):
         return self.head(self.project(levels))  # B K
 
 
-class SAK(nn.Module):
+class SAK(MultiTaskModel):
     """Multi-task model distilled from several frozen teachers (activity + segmentation from one stem pass)."""
 
     def __init__(
@@ -267,8 +268,7 @@ class SAK(nn.Module):
         # Where `auxiliary_losses` gets the teachers' maps: None = run the teachers here (see teacher_features).
         self.feature_source: FeatureSource | None = None
         self._pending: tuple[dict[str, list[Tensor]], tuple[int, int]] | None = None
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
         self.register_load_state_dict_post_hook(_ignore_teacher_keys)
 
     @property
@@ -278,10 +278,6 @@ class SAK(nn.Module):
     @property
     def teacher_keys(self) -> tuple[str, ...]:
         return tuple(self.paths.keys())
-
-    def normalize(self, images: Tensor) -> Tensor:
-        """RGB images in 0-255 (uint8 or float), B 3 H W -> ImageNet-normalised float."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
 
     # ------------------------------------------------------------------------------------------------ features
     def forward_levels(self, x: Tensor) -> tuple[list[Tensor], dict[str, list[Tensor]], tuple[int, int]]:
@@ -332,10 +328,7 @@ class SAK(nn.Module):
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
-        tasks = tuple(tasks) if tasks is not None else self.tasks
-        unknown = [t for t in tasks if t not in self.heads]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this model has {list(self.tasks)}")
+        tasks = self.requested_tasks(tasks)
         stem, experts, grid = self.forward_levels(self.normalize(images))
         if self.training and self.gamma > 0 and self.paths:
             self._pending = (experts, grid)  # what auxiliary_losses distils (same forward pass)
