@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -104,6 +105,16 @@ def build(seed: int = 0, dtype: torch.dtype = torch.float32, **config: object) -
 def streams(num_tasks: int, batch: int = BATCH, dtype: torch.dtype = torch.float32, seed: int = 1) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num_tasks * batch, TOKENS, DIM, generator=generator).to(dtype)  # (T B) N D
+
+
+def assert_streams_match_per_task(
+    model: nn.Module, tasks: Sequence[str], x: Tensor, stacked: Tensor, tol: float
+) -> None:
+    """Stream t of the batched forward `stacked` (T B, ...) equals the model run on stream t alone, task t active."""
+    for t, task in enumerate(tasks):
+        with active_tasks(model, task):
+            alone = model(x[t * BATCH : (t + 1) * BATCH])
+        torch.testing.assert_close(stacked[t * BATCH : (t + 1) * BATCH], alone, atol=tol, rtol=tol)
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
@@ -249,11 +260,7 @@ def test_stacked_forward_matches_per_task_loop() -> None:
     x = streams(3)
     with torch.no_grad():
         stacked = model(x)
-        # Model level: one stream at a time, selected with active_tasks.
-        for t, task in enumerate(cfg.tasks):
-            with active_tasks(model, task):
-                alone = model(x[t * BATCH : (t + 1) * BATCH])
-            torch.testing.assert_close(stacked[t * BATCH : (t + 1) * BATCH], alone, atol=1e-6, rtol=1e-6)
+        assert_streams_match_per_task(model, cfg.tasks, x, stacked, tol=1e-6)  # model level, one stream at a time
         # Layer level: the batched adapter equals W + delta_weight(t) applied to stream t.
         layer = model.blocks[0].attn.qkv
         out = layer(x)

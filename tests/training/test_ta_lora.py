@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.training.conftest import TINY_OVERRIDES
-from tests.training.test_adapters import BATCH, DIM, TinyViT, assert_close, build, check_merge_layers, streams
+from tests.training.test_adapters import (
+    BATCH,
+    DIM,
+    TinyViT,
+    assert_close,
+    assert_streams_match_per_task,
+    build,
+    check_merge_layers,
+    streams,
+)
 from training.adapters import (
     AdapterConfig,
     active_tasks,
@@ -123,10 +132,7 @@ def test_stacked_streams_match_per_task_forward_in_any_order() -> None:
     x = streams(3)
     with torch.no_grad():
         stacked = model(x)
-        for t, task in enumerate(cfg.tasks):
-            with active_tasks(model, task):
-                alone = model(x[t * BATCH : (t + 1) * BATCH])
-            torch.testing.assert_close(stacked[t * BATCH : (t + 1) * BATCH], alone, atol=1e-5, rtol=1e-5)
+        assert_streams_match_per_task(model, cfg.tasks, x, stacked, tol=1e-5)
         with active_tasks(model, ["depth", "seg"]):
             pair = model(torch.cat([x[2 * BATCH :], x[:BATCH]]))
         torch.testing.assert_close(pair[:BATCH], stacked[2 * BATCH :], atol=1e-5, rtol=1e-5)
