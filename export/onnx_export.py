@@ -37,7 +37,7 @@ from export.checks import (
     initializer_sizes,
 )
 from export.graph import INPUT_NAME, BundleGraph, GraphOutput, prepare_for_export
-from export.graph_passes import reorder_gelu_for_fusion
+from export.graph_passes import block_transposes_to_depth_ops, reorder_gelu_for_fusion
 from export.manifest import MODEL_FILE, InputSpec, Manifest, TaskEntry, sha256_file, write_manifest
 from training.checkpoint import WEIGHTS_FILE, load_checkpoint
 from training.data.synth import render_image
@@ -213,7 +213,10 @@ def export_onnx(
 def _shape_for_onnxruntime(path: Path) -> dict[str, int]:
     """Apply the exact graph rewrites of `export.graph_passes` to the saved graph; how many sites each changed."""
     model = onnx.load(str(path))
-    passes = {"gelu_reordered_for_fusion": reorder_gelu_for_fusion(model)}
+    passes = {
+        "gelu_reordered_for_fusion": reorder_gelu_for_fusion(model),
+        "block_transposes_to_depth_ops": block_transposes_to_depth_ops(model),
+    }
     if any(passes.values()):
         onnx.save(model, str(path))
     logger.info("graph passes: %s", passes)
