@@ -48,12 +48,15 @@ class ParityReport:
         return asdict(self)
 
 
-def onnxruntime_session(path: Path, threads: int | None = None) -> Any:
+def onnxruntime_session(path: Path, threads: int | None = None, *, spinning: bool = True) -> Any:
+    """A CPU ONNX Runtime session; `spinning=False` stops its worker threads spin-waiting for work between runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from endostream.cli import main
+from export import bench as bench_module
 from export.bench import bench_engine, format_table, parse_variant, time_interleaved
 from export.onnx_export import export_onnx
 from export.quantize import quantize_bundle
@@ -89,9 +90,26 @@ def test_per_task_graphs_run_as_a_group_next_to_the_fused_graph(
     report = bench_engine([endoarss_bundle, split], ["onnxruntime"], batches=(1,), warmup=1, runs=4, progress=False)
     assert [v["variant"] for v in report["variants"]] == [f"{endoarss_bundle} onnxruntime", f"{split} onnxruntime"]
     assert [m["tasks"] for m in report["bundles"][split]] == [["activity"], ["segmentation"]]
+    assert report["settings"]["onnxruntime_spinning"] == {"single bundle": True, "bundle group": False}
     with pytest.raises(ValueError, match="one input size"):
         export_onnx(endoarss_ckpt, tmp_path / "small", height=32, width=32)
         bench_engine([endoarss_bundle, tmp_path / "small"], ["onnxruntime"], batches=(1,), runs=1, progress=False)
+
+
+def test_a_group_sessions_do_not_spin_while_a_lone_session_does(endoarss_bundle: Path, monkeypatch: pytest.MonkeyPatch):
+    made: list = []
+    real = bench_module.onnxruntime_session
+    monkeypatch.setattr(bench_module, "onnxruntime_session", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    group = f"{endoarss_bundle}+{endoarss_bundle}"
+    bench_engine([endoarss_bundle, group], ["onnxruntime"], batches=(1,), warmup=0, runs=1, progress=False)
+    assert [_spin_setting(session) for session in made] == ["default", "0", "0"]
+
+
+def _spin_setting(session) -> str:
+    try:
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # never set: ONNX Runtime spins
+        return "default"
 
 
 def test_variants_are_timed_in_alternating_rounds():
