@@ -97,7 +97,12 @@ def torch_runner(manifest: Manifest, precision: str, device: str) -> Runner:
 def time_interleaved(
     runners: Sequence[Runner], frames: np.ndarray, warmup: int, runs: int, rounds: int = ROUNDS
 ) -> list[list[float]]:
-    """Per runner, `runs` timed calls on `frames`, taken in `rounds` alternating slices after `warmup` calls each."""
+    """Per runner, `runs` timed calls on `frames`, taken in `rounds` alternating slices after `warmup` calls each.
+
+    Each slice starts with one untimed call: the first call after a switch runs while the previous variant's worker
+    threads still spin-wait and its own caches are cold (torch at 112 px: 75 ms against 43 ms steady), which would
+    land in every variant's tail percentiles once per round.
+    """
     for run in runners:
         for _ in range(warmup):
             run(frames)
@@ -105,6 +110,8 @@ def time_interleaved(
     for index in range(rounds):
         share = runs // rounds + (1 if index < runs % rounds else 0)
         for run, timings in zip(runners, seconds, strict=True):
+            if share:
+                run(frames)  # settle after the switch, untimed
             for _ in range(share):
                 start = time.perf_counter()
                 run(frames)

@@ -117,7 +117,8 @@ def test_variants_are_timed_in_alternating_rounds():
     runners = [lambda frames, name=name: order.append(name) for name in "ab"]
     seconds = time_interleaved(runners, np.zeros(1), warmup=1, runs=5, rounds=2)
     assert [len(s) for s in seconds] == [5, 5]
-    assert "".join(order) == "ab" + "aaabbb" + "aabb"  # warm-up, then round shares 3 and 2
+    # warm-up, then round shares 3 and 2, each after one untimed call
+    assert "".join(order) == "ab" + "aaaabbbb" + "aaabbb"
 
 
 def test_int8_bundle_runs_next_to_its_fp32_graph_with_its_accuracy_cost(
