@@ -96,7 +96,7 @@ def test_per_task_graphs_run_as_a_group_next_to_the_fused_graph(
         bench_engine([endoarss_bundle, tmp_path / "small"], ["onnxruntime"], batches=(1,), runs=1, progress=False)
 
 
-def test_a_group_sessions_do_not_spin_while_a_lone_session_does(endoarss_bundle: Path, monkeypatch: pytest.MonkeyPatch):
+def test_group_sessions_do_not_spin_while_a_lone_session_does(endoarss_bundle: Path, monkeypatch: pytest.MonkeyPatch):
     made: list = []
     real = bench_module.onnxruntime_session
     monkeypatch.setattr(bench_module, "onnxruntime_session", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
