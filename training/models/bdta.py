@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from training.layers.mote import MoTE
 from training.models.heads import run_task_heads
-from training.models.multitask import MultiTaskModel
+from training.models.multitask import MultiTaskModule
 
 
 def evenly_spaced_blocks(depth: int, stages: int) -> tuple[int, ...]:
@@ -42,7 +42,7 @@ def evenly_spaced_blocks(depth: int, stages: int) -> tuple[int, ...]:
     return tuple((i + 1) * depth // stages - 1 for i in range(stages))
 
 
-class BDTAMoTE(MultiTaskModel):
+class BDTAMoTE(MultiTaskModule):
     """Multi-task model: frozen ViT main branch + BDTA bypass branch + MoTE + per-task heads."""
 
     # Containers keyed by task name: a parameter under `<container>.<task>.` belongs to that task only.

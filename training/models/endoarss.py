@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from training.adapters import active_tasks
 from training.models.heads import run_task_heads
-from training.models.multitask import MultiTaskModel
+from training.models.multitask import MultiTaskModule
 
 
-class EndoARSS(MultiTaskModel):
+class EndoARSS(MultiTaskModule):
     """Multi-task endoscopy model: activity recognition + semantic segmentation from one backbone pass."""
 
     def __init__(

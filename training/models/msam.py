@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.adapters import active_tasks, iter_adapter_layers, merge_and_unload
-from training.models.multitask import MultiTaskModel
+from training.models.multitask import MultiTaskModule
 from training.models.sam_decoder import DensePositionEncoding
 from training.models.sam_encoder import SamImageEncoder
 
 SINGLE_MASK = 0  # the mask token SAM uses when one output is asked for (multimask_output=False)
 
 
-class MSAM(MultiTaskModel):
+class MSAM(MultiTaskModule):
     """Multi-task SAM: one encoder pass for all task streams, then one mask decoder per task."""
 
     def __init__(

@@ -3,21 +3,24 @@ exported graphs include it, and a call may ask for a subset of the tasks."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 
-class MultiTaskModel(nn.Module):
-    """Base of the multi-task models. A subclass defines `tasks` and calls `register_pixel_stats` in `__init__`."""
+class MultiTaskModule(nn.Module, ABC):
+    """Base of the multi-task models (the module side of `protocol.MultiTaskModel`). A subclass defines `tasks` and
+    calls `register_pixel_stats` in `__init__`."""
 
     pixel_mean: Tensor
     pixel_std: Tensor
 
     @property
+    @abstractmethod
     def tasks(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """Task names in model order."""
 
     def register_pixel_stats(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """RGB mean and std in 0-255 units, as 1 3 1 1 buffers."""

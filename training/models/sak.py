@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from training.adapters import iter_adapter_layers, merge_and_unload
 from training.distill import TeacherBank, distillation_losses
 from training.models.heads import ActivityHead
-from training.models.multitask import MultiTaskModel
+from training.models.multitask import MultiTaskModule
 
 NOISE_FLOOR = 0.01  # added to the softplus noise scale (public code)
 TEACHERS = "teachers"  # module name of the TeacherBank; its keys never enter a state dict
@@ -204,7 +204,7 @@ class PooledActivityHead(nn.Module):
         return self.head(self.project(levels))  # B K
 
 
-class SAK(MultiTaskModel):
+class SAK(MultiTaskModule):
     """Multi-task model distilled from several frozen teachers (activity + segmentation from one stem pass)."""
 
     def __init__(
