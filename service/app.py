@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from service.batcher import Batcher
 from service.bundle import load_bundle
+from service.decoding import make_decoder
 from service.engines import open_engine, warm_up
 from service.engines.base import Engine, EngineOptions
 from service.errors import ServiceError
@@ -38,6 +39,7 @@ def _engine_options(settings: Settings) -> EngineOptions:
         cuda_graphs=settings.cuda_graphs,
         max_batch=settings.max_batch,
         engine_cache=str(settings.engine_cache) if settings.engine_cache else None,
+        spin_wait=settings.ort_spin_wait,
     )
 
 
@@ -52,6 +54,16 @@ def build_state(settings: Settings) -> AppState:
         engine = open_engine(bundle, settings.backend, _engine_options(settings))
         logger.info(
             "engine: %s on %s (%s); warming up at batch %s", engine.backend, engine.device, engine.precision, batches
+        )
+        service.use_decoder(
+            make_decoder(
+                settings.decode,
+                engine_backend=engine.backend,
+                engine_device=engine.device,
+                height=spec.height,
+                width=spec.width,
+                max_pixels=settings.max_pixels,
+            )
         )
         return engine
 

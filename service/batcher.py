@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from service.decoding import stack_frames
 from service.engines.base import Engine
 from service.errors import NotReady, Overloaded
 from service.metrics import ServiceMetrics
@@ -40,7 +42,7 @@ class BatchResult:
 
 @dataclass
 class _Pending:
-    frame: np.ndarray
+    frame: Any  # numpy array or device tensor
     future: Future[BatchResult]
     enqueued: float
 
@@ -98,20 +100,33 @@ class Batcher:
             self._thread.join(timeout)
 
     # ----------------------------------------------------------------------------------------------- client
-    @contextmanager
-    def expect(self) -> Iterator[None]:
-        """Announce a frame that is still being decoded, so a forming batch waits (up to the delay) for it."""
+    def announce(self) -> None:
+        """A frame is being decoded: a forming batch may wait (up to the delay) for it. Pair with `arrived`."""
         with self._cond:
             self._incoming += 1
+
+    def arrived(self) -> None:
+        """The announced frame was submitted (or failed): batches stop waiting for it. Any thread may call this."""
+        with self._cond:
+            self._incoming -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def expect(self) -> Iterator[None]:
+        """`announce` on entry, `arrived` on exit."""
+        self.announce()
         try:
             yield
         finally:
-            with self._cond:
-                self._incoming -= 1
-                self._cond.notify_all()
+            self.arrived()
 
-    def submit(self, frame: np.ndarray) -> Future[BatchResult]:
-        """Queue one H x W x 3 uint8 frame at the model size; raises Overloaded when the queue is full."""
+    def submit(self, frame: Any) -> Future[BatchResult]:
+        """Queue one H x W x 3 uint8 frame at the model size (numpy, or a tensor on the engine's device); thread-safe.
+
+        Raises:
+            NotReady: the engine is not warm yet.
+            Overloaded: the queue is full.
+        """
         if not self.ready:
             raise NotReady()
         future: Future[BatchResult] = Future()
@@ -127,7 +142,7 @@ class Batcher:
             self._cond.notify_all()
         return future
 
-    async def infer(self, frame: np.ndarray) -> BatchResult:
+    async def infer(self, frame: Any) -> BatchResult:
         return await asyncio.wrap_future(self.submit(frame))
 
     @property
@@ -192,8 +207,7 @@ class Batcher:
     def _run(self, engine: Engine, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
-            frames = np.stack([p.frame for p in batch]) if len(batch) > 1 else batch[0].frame[None]
-            outputs = engine.run(frames)
+            outputs = engine.run(stack_frames([p.frame for p in batch]))
         except BaseException as err:
             logger.exception("engine call failed for a batch of %d", len(batch))
             for pending in batch:

@@ -30,6 +30,7 @@ FLAGS: dict[str, str] = {
     "max_queue_delay_ms": "max_queue_delay_ms",
     "queue_limit": "queue_limit",
     "stream_allowlist": "stream_allowlist",
+    "decode": "decode",
 }
 
 
@@ -45,6 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a batch to fill (default 2)")
     parser.add_argument("--queue-limit", type=int, help="frames waiting before 503 (default 64)")
     parser.add_argument("--stream-allowlist", help="comma-separated URL prefixes allowed as stream sources")
+    parser.add_argument(
+        "--decode", choices=["auto", "cpu", "cuda"], help="JPEG decoding: auto = on the GPU when the engine runs there"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -75,5 +79,8 @@ def run_serve(settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,  # per-request lines at 30 fps drown the log; /metrics has the numbers
         ws_max_size=settings.max_upload_bytes,
+        # frames are JPEG/PNG already: deflating them again costs ~10 ms of CPU per 1080p frame on each side for
+        # nothing (and results are small); clients that offer permessage-deflate simply get it declined
+        ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,
     )

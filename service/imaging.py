@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from service.errors import BadInput
 
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp"}
+JPEG_MAGIC = b"\xff\xd8\xff"  # SOI + the first marker's 0xFF
 OVERLAY_ALPHA = 0.45
 
 
@@ -44,18 +45,39 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: tuple[int, int] | No
     Raises:
         BadInput: empty, unknown or corrupt data, or a frame over the pixel limit.
     """
+    image = open_image(data, max_pixels=max_pixels)
+    width, height = image.size
+    if image.format == "JPEG" and min_size is not None:
+        scale = _jpeg_scale(width, height, min_size)
+        if scale > 1:
+            image.draft("RGB", (-(-width // scale), -(-height // scale)))
+    try:
+        rgb = image.convert("RGB")
+        rgb.load()
+    except Exception as err:  # noqa: BLE001 - any decoder failure is the frame's fault: a 400 naming it, never a 500
+        raise corrupt(image.format, err) from None
+    return DecodedFrame(np.asarray(rgb), width, height, image.format)
+
+
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """The frame's header read by Pillow's JPEG, PNG or BMP plugin only, checked against the pixel limit.
+
+    Raises:
+        BadInput: empty body, another format, a header no plugin accepts, or a frame over the pixel limit.
+    """
     if not data:
         raise BadInput("empty_body", "the request body is empty: send a JPEG, PNG or BMP frame")
     try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadInput("not_an_image", f"the body ({len(data)} bytes) is not a JPEG, PNG or BMP image") from None
+        # `formats` keeps every other Pillow plugin (and its parser's bugs) away from client bytes
+        image = Image.open(io.BytesIO(data), formats=tuple(FORMATS))
     except Image.DecompressionBombError as err:  # Pillow's own guard fires at twice its limit, before ours
         raise BadInput(
             "too_many_pixels", f"{err}; the limit is {max_pixels} pixels (ENDOSTREAM_MAX_PIXELS)", param="image"
         ) from None
-    if image.format not in FORMATS:
-        raise BadInput("unsupported_format", f"image format {image.format} is not supported: send JPEG, PNG or BMP")
+    except UnidentifiedImageError:
+        raise BadInput("not_an_image", f"the body ({len(data)} bytes) is not a JPEG, PNG or BMP image") from None
+    except Exception as err:  # noqa: BLE001 - a plugin rejecting its header (OSError, ValueError, SyntaxError...)
+        raise BadInput("corrupt_image", f"the frame's header could not be read: {err}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise BadInput(
@@ -66,16 +88,17 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: tuple[int, int] | No
         )
     if width < 1 or height < 1:
         raise BadInput("bad_size", f"frame size {width}x{height} is empty")
-    if image.format == "JPEG" and min_size is not None:
-        scale = _jpeg_scale(width, height, min_size)
-        if scale > 1:
-            image.draft("RGB", (-(-width // scale), -(-height // scale)))
-    try:
-        rgb = image.convert("RGB")
-        rgb.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadInput("corrupt_image", f"the {image.format} frame could not be decoded: {err}") from None
-    return DecodedFrame(np.asarray(rgb), width, height, image.format)
+    return image
+
+
+def check_header(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header, with the checks of `open_image`, decoding nothing."""
+    return open_image(data, max_pixels=max_pixels).size
+
+
+def corrupt(fmt: str | None, err: BaseException) -> BadInput:
+    """The 400 for a frame whose header was fine but whose data a decoder refused."""
+    return BadInput("corrupt_image", f"the {fmt or 'image'} frame could not be decoded: {err}")
 
 
 def _jpeg_scale(width: int, height: int, min_size: tuple[int, int]) -> int:

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MaskFormat = Literal["png", "rle", "none"]
+MaskFormat = Literal["png", "rle", "raw", "none"]
+MaskSize = Literal["model", "frame"]
 
 
 class FrameInfo(BaseModel):
@@ -40,12 +41,18 @@ class RunLengths(BaseModel):
 
 class SegmentationResult(BaseModel):
     task: str
-    height: int
-    width: int
-    classes: list[ClassPresence] = Field(description="classes present, largest first")
+    height: int = Field(description="rows of the mask: the model's grid, or the frame's height with mask_size=frame")
+    width: int = Field(description="columns of the mask")
+    mask_size: MaskSize = Field(
+        description="model: the class map at the model's input grid, covering the whole frame (upscale it with "
+        "nearest-neighbour sampling at pixel centres to get the frame-size mask); frame: already at the frame's size"
+    )
+    classes: list[ClassPresence] = Field(description="classes present, largest first (shares of the frame's pixels)")
     mask_format: MaskFormat
     mask: str | RunLengths | None = Field(
-        None, description="png: base64 single-channel PNG of class indices at the frame's size; rle: runs; none"
+        None,
+        description="png: base64 single-channel PNG of class indices; rle: runs; raw: the bytes follow the JSON in "
+        "the compact response; none",
     )
 
 
@@ -56,8 +63,10 @@ class Latency(BaseModel):
     infer: float
     postprocess: float
     encode: float
+    unattributed: float = Field(description="total minus the stages: thread hand-offs, waiting for a worker")
     total: float
     batch_size: int = Field(description="frames in the engine call that included this one")
+    decoder: str = Field(description="where the frame was decoded and resized: cpu, or the GPU (e.g. cuda:0)")
 
 
 class ModelRef(BaseModel):
@@ -88,21 +97,24 @@ class InferResult(BaseModel):
                     },
                     "segmentation": {
                         "task": "segmentation",
-                        "height": 1080,
-                        "width": 1920,
+                        "height": 96,
+                        "width": 96,
+                        "mask_size": "model",
                         "classes": [{"index": 0, "name": "background", "fraction": 0.81}],
                         "mask_format": "png",
                         "mask": "iVBORw0KGgo...",
                     },
                     "latency_ms": {
-                        "decode": 4.1,
-                        "preprocess": 1.2,
+                        "decode": 3.1,
+                        "preprocess": 0.2,
                         "queue": 0.1,
                         "infer": 6.3,
-                        "postprocess": 1.9,
-                        "encode": 2.2,
-                        "total": 15.9,
+                        "postprocess": 0.05,
+                        "encode": 0.04,
+                        "unattributed": 0.2,
+                        "total": 10.0,
                         "batch_size": 1,
+                        "decoder": "cpu",
                     },
                     "model": {
                         "name": "tiny",

@@ -1,16 +1,22 @@
-"""Frame inference logic behind the routes: decode -> preprocess -> batched engine -> postprocess -> encode.
+"""Frame inference logic behind the routes: decode + resize -> batched engine -> result.
 
-Every CPU-heavy step runs in a thread pool, never on the event loop; every step is timed, and the timings go both
-into the result (`latency_ms`) and into the per-stage Prometheus histogram.
+A frame costs one thread-pool hop before the engine and, usually, none after it:
+- the worker thread decodes, resizes and hands the model input to the batcher itself, and the engine thread's
+  completion resolves the request's future on the event loop (one wake-up per frame, no hop back in between);
+- the result is then built on the event loop, because without full-resolution work it takes tens of microseconds
+  (K probabilities, weighted class counts and a model-size mask). Only results that touch every frame pixel
+  (`mask_size=frame`, overlays, stream viewers' JPEGs) go back to the pool for that work.
+Every stage is timed; what the stages do not cover (thread hand-offs, waiting for a worker, the event loop) is
+reported as `unattributed`, so the sum of the parts always equals `total`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,34 +25,17 @@ import numpy as np
 from service import imaging
 from service.batcher import Batcher, BatchResult
 from service.bundle import Bundle
-from service.errors import BadInput
-from service.metrics import ServiceMetrics
-from service.schemas import (
-    ActivityResult,
-    ClassPresence,
-    FrameInfo,
-    InferResult,
-    Latency,
-    MaskFormat,
-    ModelRef,
-    RunLengths,
-    SegmentationResult,
-)
+from service.decoding import CpuDecoder, Decoded, FrameDecoder
+from service.errors import BadInput, NotReady
+from service.metrics import STAGES, ServiceMetrics
+from service.postprocess import InferOptions, Outcome, ResultBuilder, frame_jpeg
 
-
-@dataclass(frozen=True)
-class InferOptions:
-    """What the client asked for: mask encoding, which tasks to return, an overlay image instead of JSON."""
-
-    mask: MaskFormat = "png"
-    tasks: frozenset[str] | None = None  # None: every task of the bundle
-    overlay: str | None = None  # "png" | "jpeg": return the annotated frame
-    include_frame: bool = False  # add the (JPEG) source frame to the JSON (viewer of a stream)
+__all__ = ["InferOptions", "InferenceService", "Outcome"]
 
 
 @dataclass
 class Timings:
-    """Seconds per stage for one frame."""
+    """Seconds per stage for one frame; `started` is when the service got its bytes (or decoded stream frame)."""
 
     decode: float = 0.0
     preprocess: float = 0.0
@@ -56,18 +45,60 @@ class Timings:
     encode: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
-    def latency(self, batch_size: int) -> Latency:
-        total = time.perf_counter() - self.started
-        ms = {k: round(getattr(self, k) * 1000, 3) for k in ("decode", "preprocess", "queue", "infer", "postprocess")}
-        return Latency(**ms, encode=round(self.encode * 1000, 3), total=round(total * 1000, 3), batch_size=batch_size)
+    def latency(self, batch_size: int, decoder: str) -> dict[str, Any]:
+        total = (time.perf_counter() - self.started) * 1000
+        ms = {stage: round(getattr(self, stage) * 1000, 3) for stage in STAGES}
+        ms["unattributed"] = round(max(total - sum(ms.values()), 0.0), 3)
+        ms["total"] = round(total, 3)
+        return {**ms, "batch_size": batch_size, "decoder": decoder}
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """A processed frame: the JSON result, and the overlay image when one was asked for."""
+class _Job:
+    """One frame on its way through the worker thread and the engine, resolved on the event loop exactly once.
 
-    result: InferResult
-    image: bytes | None = None
+    If the awaiting request goes away first, its engine future is cancelled so the batcher skips the frame.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.done: asyncio.Future[tuple[Decoded, BatchResult]] = loop.create_future()
+        self.cancelled = False
+        self.batch: Future[BatchResult] | None = None
+        self.decoded: Decoded | None = None
+        self.done.add_done_callback(self._on_done)
+
+    def _on_done(self, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            self.cancelled = True
+            if self.batch is not None:
+                self.batch.cancel()
+
+    def submitted(self, decoded: Decoded, batch: Future[BatchResult]) -> None:
+        """Worker thread: the frame is in the batcher; the engine thread resolves the job when it has run."""
+        self.decoded, self.batch = decoded, batch
+        batch.add_done_callback(lambda _: self._call_soon(self._resolve))
+
+    def failed(self, err: BaseException) -> None:
+        self._call_soon(self._fail, err)
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed at shutdown: nobody waits any more
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _resolve(self) -> None:
+        assert self.batch is not None and self.decoded is not None
+        if self.done.done():
+            return
+        if self.batch.cancelled():
+            self.done.cancel()
+        elif (err := self.batch.exception()) is not None:
+            self.done.set_exception(err)
+        else:
+            self.done.set_result((self.decoded, self.batch.result()))
+
+    def _fail(self, err: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(err)
 
 
 class InferenceService:
@@ -81,13 +112,16 @@ class InferenceService:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frames")
         spec = bundle.manifest.input
         self.height, self.width = spec.height, spec.width
-        self.activity_task = bundle.task_of_kind("classification")
-        self.segmentation_task = bundle.task_of_kind("segmentation")
-        seg = self.segmentation_task
-        self.palette = imaging.palette(seg.colors, len(seg.classes)) if seg else None
+        self.results = ResultBuilder(bundle)
+        self.cpu_decoder = CpuDecoder(self.height, self.width, max_pixels=max_pixels)
+        self.decoder: FrameDecoder = self.cpu_decoder  # `use_decoder` swaps in the GPU decoder once the engine runs
+        self._model_ref: dict[str, str] | None = None
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def use_decoder(self, decoder: FrameDecoder) -> None:
+        self.decoder = decoder
 
     def validate_tasks(self, tasks: list[str] | None) -> frozenset[str] | None:
         if not tasks:
@@ -98,20 +132,23 @@ class InferenceService:
             raise BadInput("unknown_task", f"unknown task(s) {unknown}: this model has {sorted(known)}", param="tasks")
         return frozenset(tasks)
 
-    def model_ref(self) -> ModelRef:
+    def model_ref(self) -> dict[str, str]:
+        """What runs the model, for every result; fixed once the engine is up, so built once."""
+        if self._model_ref is not None:
+            return self._model_ref
         engine = self.batcher.engine
         m = self.bundle.manifest
-        return ModelRef(
-            name=m.name,
-            family=m.family,
-            version=self.bundle.version,
-            backend=engine.backend if engine else "none",
-            device=engine.device if engine else "none",
-            precision=engine.precision if engine else m.precision,
-        )
-
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        ref = {
+            "name": m.name,
+            "family": m.family,
+            "version": self.bundle.version,
+            "backend": engine.backend if engine else "none",
+            "device": engine.device if engine else "none",
+            "precision": engine.precision if engine else m.precision,
+        }
+        if engine is not None:
+            self._model_ref = ref
+        return ref
 
     # ------------------------------------------------------------------------------------------------ frames
     async def infer_bytes(
@@ -119,44 +156,79 @@ class InferenceService:
     ) -> Outcome:
         """Decode an encoded frame and run it; BadInput for anything that is not a usable image."""
         timings = Timings()
-        with self.batcher.expect():
-            try:
-                decoded, model_input = await self._run(self._decode_and_resize, data, timings)
-            except BadInput:
-                self.metrics.frames.labels("failed", source).inc()
-                self.metrics.rejected.labels("bad_input").inc()
-                raise
-            future = self.batcher.submit(model_input)
-        info = FrameInfo(id=frame_id, width=decoded.width, height=decoded.height)
-        frame = decoded.image if options.overlay or options.include_frame else None
-        return await self._finish(future, info, options, timings, source, frame)
+        keep = options.overlay is not None or options.include_frame
+        try:
+            decoded, batch = await self._through_engine(self._decode, (data, keep, timings), timings)
+        except BadInput:
+            self.metrics.frames.labels("failed", source).inc()
+            self.metrics.rejected.labels("bad_input").inc()
+            raise
+        frame = {"id": frame_id, "timestamp": None, "captured_at": None, "width": decoded.width,
+                 "height": decoded.height, "dropped_before": 0, "frame_jpeg": None}  # fmt: skip
+        return await self._finish(decoded, batch, frame, options, timings, source, decoded.frame)
 
     async def infer_array(
-        self, image: np.ndarray, info: FrameInfo, options: InferOptions, *, source: str = "stream"
+        self, image: np.ndarray, frame: dict[str, Any], options: InferOptions, *, source: str = "stream"
     ) -> Outcome:
-        """Run an already decoded RGB frame (stream readers decode in their own threads)."""
+        """Run an already decoded RGB frame (stream readers decode in their own threads); `frame` is its info."""
         timings = Timings()
-        with self.batcher.expect():
-            model_input = await self._run(self._resize, image, timings)
-            future = self.batcher.submit(model_input)
-        return await self._finish(future, info, options, timings, source, image)
+        decoded, batch = await self._through_engine(self._resize, (image, timings), timings)
+        return await self._finish(decoded, batch, frame, options, timings, source, image)
 
-    async def _finish(
-        self, future: Any, info: FrameInfo, options: InferOptions, timings: Timings, source: str, frame: Any
-    ) -> Outcome:
+    async def _through_engine(
+        self, prepare: Callable[..., Decoded], args: tuple[Any, ...], timings: Timings
+    ) -> tuple[Decoded, BatchResult]:
+        """`prepare(*args)` in a worker thread, which submits its output to the batcher: one hop to the engine."""
+        job = _Job(asyncio.get_running_loop())
+        self.batcher.announce()  # a forming batch may wait for this frame while it decodes
         try:
-            batch: BatchResult = await asyncio.wrap_future(future)
-        except Exception:
-            self.metrics.frames.labels("failed", source).inc()
+            self.pool.submit(self._prepare_and_submit, job, prepare, args)
+        except RuntimeError:  # the pool is shut down: the service is stopping
+            self.batcher.arrived()
+            raise NotReady("the service is shutting down") from None
+        try:
+            decoded, batch = await job.done
+        except BaseException:
+            if not job.done.done():
+                job.done.cancel()
             raise
         timings.queue, timings.infer = batch.queue_s, batch.infer_s
-        outcome = await self._run(self._postprocess_and_encode, batch, info, options, timings, frame)
+        return decoded, batch
+
+    def _prepare_and_submit(self, job: _Job, prepare: Callable[..., Decoded], args: tuple[Any, ...]) -> None:
+        try:
+            if job.cancelled:
+                return
+            decoded = prepare(*args)
+            job.submitted(decoded, self.batcher.submit(decoded.model_input))
+        except BaseException as err:  # BadInput, Overloaded, NotReady: the request's answer
+            job.failed(err)
+        finally:
+            self.batcher.arrived()
+
+    async def _finish(
+        self,
+        decoded: Decoded,
+        batch: BatchResult,
+        frame: dict[str, Any],
+        options: InferOptions,
+        timings: Timings,
+        source: str,
+        pixels: np.ndarray | None,
+    ) -> Outcome:
+        if options.needs_frame_pixels:
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(
+                self.pool, self._build, decoded, batch, frame, options, timings, pixels
+            )
+        else:
+            outcome = self._build(decoded, batch, frame, options, timings, pixels)
         self._observe(timings, source)
         return outcome
 
     def _observe(self, timings: Timings, source: str) -> None:
         stage = self.metrics.stage_duration
-        for name in ("decode", "preprocess", "queue", "infer", "postprocess", "encode"):
+        for name in STAGES:
             if name == "decode" and source == "stream":
                 continue  # stream frames are decoded by their reader, outside this pipeline
             stage.labels(name).observe(getattr(timings, name))
@@ -164,74 +236,49 @@ class InferenceService:
         self.metrics.frames.labels("processed", source).inc()
 
     # --------------------------------------------------------------------------------------- worker threads
-    def _decode_and_resize(self, data: bytes, timings: Timings) -> tuple[imaging.DecodedFrame, np.ndarray]:
-        t0 = time.perf_counter()
-        decoded = imaging.decode_image(data, max_pixels=self.max_pixels, min_size=(self.height, self.width))
-        timings.decode = time.perf_counter() - t0
-        return decoded, self._resize(decoded.image, timings)
+    def _decode(self, data: bytes, keep_frame: bool, timings: Timings) -> Decoded:
+        decoded = self.decoder.decode(data, keep_frame=keep_frame)
+        timings.decode, timings.preprocess = decoded.decode_s, decoded.resize_s
+        return decoded
 
-    def _resize(self, image: np.ndarray, timings: Timings) -> np.ndarray:
+    def _resize(self, image: np.ndarray, timings: Timings) -> Decoded:
         t0 = time.perf_counter()
         resized = imaging.resize_for_model(image, self.height, self.width)
         timings.preprocess = time.perf_counter() - t0
-        return resized
+        return Decoded(resized, image.shape[1], image.shape[0], "RGB", "cpu")
 
-    def _postprocess_and_encode(
-        self, batch: BatchResult, info: FrameInfo, options: InferOptions, timings: Timings, frame: np.ndarray | None
+    def _build(
+        self,
+        decoded: Decoded,
+        batch: BatchResult,
+        frame: dict[str, Any],
+        options: InferOptions,
+        timings: Timings,
+        pixels: np.ndarray | None,
     ) -> Outcome:
+        """The result from the engine outputs (postprocess), then the mask, overlay or frame encoding (encode)."""
         t0 = time.perf_counter()
-        wanted = options.tasks
-        activity = None
-        act = self.activity_task
-        if act is not None and (wanted is None or act.name in wanted):
-            probs = batch.outputs[act.output].astype(float)
-            index = int(probs.argmax())
-            activity = ActivityResult(
-                task=act.name,
-                label=act.classes[index],
-                index=index,
-                confidence=round(float(probs[index]), 6),
-                probabilities={c: round(float(p), 6) for c, p in zip(act.classes, probs, strict=True)},
-            )
-        mask = None
-        seg = self.segmentation_task
-        seg_result = None
-        if seg is not None and (wanted is None or seg.name in wanted):
-            small = batch.outputs[seg.output]
-            mask = imaging.resize_mask(small, info.height, info.width)
-            fractions = imaging.class_fractions(small, len(seg.classes), info.height, info.width)
-            present = [
-                ClassPresence(index=int(i), name=seg.classes[i], fraction=round(float(fractions[i]), 6))
-                for i in np.argsort(-fractions)
-                if fractions[i] > 0
-            ]
-            seg_result = SegmentationResult(
-                task=seg.name, height=info.height, width=info.width, classes=present, mask_format="none"
-            )
+        builder = self.results
+        height, width = frame["height"], frame["width"]
+        activity = builder.activity(batch.outputs, options.tasks)
+        segmentation, mask = builder.segmentation(batch.outputs, options, height, width)
         timings.postprocess = time.perf_counter() - t0
         t1 = time.perf_counter()
         image = None
-        if options.overlay and frame is not None:
-            label = f"{activity.label} {activity.confidence:.0%}" if activity else None
-            full = (
-                frame
-                if frame.shape[:2] == (info.height, info.width)
-                else imaging.resize_for_model(frame, info.height, info.width)
-            )
-            image = imaging.encode_image(imaging.draw_overlay(full, mask, self.palette, label), options.overlay)
-        elif seg_result is not None and mask is not None and options.mask != "none":
-            seg_result.mask_format = options.mask
-            seg_result.mask = (
-                imaging.encode_mask_png(mask) if options.mask == "png" else RunLengths(**imaging.encode_mask_rle(mask))
-            )
-        if options.include_frame and frame is not None:
-            info.frame_jpeg = base64.b64encode(imaging.encode_image(frame, "jpeg", 80)).decode("ascii")
+        raw_mask = None
+        if options.overlay and pixels is not None:
+            image = builder.overlay(pixels, mask, activity, options.overlay, height, width)
+        elif segmentation is not None and mask is not None and options.mask != "none":
+            builder.encode_mask(segmentation, mask, options.mask)
+            raw_mask = mask if options.mask == "raw" else None
+        if options.include_frame and pixels is not None:
+            frame["frame_jpeg"] = frame_jpeg(pixels)
         timings.encode = time.perf_counter() - t1
-        result = InferResult(
-            frame=info,
-            activity=activity,
-            segmentation=seg_result,
-            latency_ms=timings.latency(batch.batch_size),
-            model=self.model_ref(),
-        )
-        return Outcome(result, image)
+        result = {
+            "frame": frame,
+            "activity": activity,
+            "segmentation": segmentation,
+            "latency_ms": timings.latency(batch.batch_size, decoded.device),
+            "model": self.model_ref(),
+        }
+        return Outcome(result, raw_mask, image)

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     precision: str = Field("auto", description="fp32|fp16|bf16|int8 where the backend supports it")
     threads: int = Field(0, ge=0, description="engine CPU threads (0: backend default)")
     cuda_graphs: bool = True
+    decode: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where JPEG frames are decoded and resized: auto = on the GPU when the engine runs there"
+    )
+    ort_spin_wait: bool = Field(
+        False, description="ONNX Runtime threads spin between calls (faster for one client, slower under load)"
+    )
     engine_cache: Path | None = Field(None, description="folder for TensorRT engines (default: the bundle)")
     max_batch: int = Field(8, ge=1, le=256, description="largest dynamic batch; 1 disables batching")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")

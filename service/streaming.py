@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from service.errors import BadInput, Forbidden, ServiceError
 from service.metrics import ServiceMetrics
-from service.schemas import FrameInfo, StreamInfo, StreamRequest
+from service.schemas import StreamInfo, StreamRequest
 from service.serving import InferenceService, InferOptions
 from service.settings import Settings
 from service.streams.reader import FINAL_STATES, ReaderOptions
@@ -111,7 +112,9 @@ class StreamsApi:
         for series in (self.metrics.reconnects, self.metrics.frame_age):  # exist at 0 so rate()/increase() see the
             series.labels(stream_id)  # first reconnect and the first frames
         self.metrics.stream_up.labels(stream_id).set(0)
-        live = InferOptions(options.mask, options.tasks, None, request.include_frame)
+        live = InferOptions(
+            mask=options.mask, mask_size=options.mask_size, tasks=options.tasks, include_frame=request.include_frame
+        )
         return self._lines(stream_id, request, live)
 
     async def _lines(self, stream_id: str, request: StreamRequest, options: InferOptions) -> AsyncIterator[bytes]:
@@ -145,14 +148,15 @@ class StreamsApi:
                 next_due = time.monotonic() + period
                 dropped = frame.index - last_index - 1 if last_index >= 0 else frame.index
                 last_index = frame.index
-                info = FrameInfo(
-                    id=frame.index,
-                    timestamp=frame.pts,
-                    captured_at=frame.captured_at,
-                    width=frame.image.shape[1],
-                    height=frame.image.shape[0],
-                    dropped_before=max(dropped, 0),
-                )
+                info = {
+                    "id": frame.index,
+                    "timestamp": frame.pts,
+                    "captured_at": frame.captured_at,
+                    "width": frame.image.shape[1],
+                    "height": frame.image.shape[0],
+                    "dropped_before": max(dropped, 0),
+                    "frame_jpeg": None,
+                }
                 try:
                     outcome = await self.service.infer_array(frame.image, info, options, source="stream")
                 except ServiceError as err:
@@ -161,7 +165,7 @@ class StreamsApi:
                 self.metrics.frame_age.labels(stream_id).observe(time.time() - frame.captured_at)
                 self.registry.mark_processed(stream_id)
                 produced += 1
-                yield (outcome.result.model_dump_json() + "\n").encode()
+                yield outcome.json() + b"\n"
             stats = reader.stats()
             end: dict[str, Any] = {"end": {"reason": reason, "stream": stream_id, "frames": produced}}
             if reason in ("failed", "unreachable"):
@@ -178,4 +182,4 @@ class StreamsApi:
 
 
 def _line(body: dict[str, Any]) -> bytes:
-    return (json.dumps(body) + "\n").encode()
+    return orjson.dumps(body) + b"\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,23 @@ def check_frames(frames: np.ndarray, bundle: Bundle) -> np.ndarray:
     if frames.shape[0] < 1:
         raise ValueError("frames holds no frame (batch 0)")
     return np.ascontiguousarray(frames)
+
+
+def check_frame_tensor(frames: Any, bundle: Bundle) -> Any:
+    """A torch uint8 B x H x W x 3 tensor at the bundle size (GPU-decoded frames); ValueError naming any mismatch."""
+    spec = bundle.manifest.input
+    if (
+        str(frames.dtype) != "torch.uint8"
+        or frames.dim() != 4
+        or tuple(frames.shape[1:]) != (spec.height, spec.width, 3)
+    ):
+        raise ValueError(
+            f"frames must be uint8 B x {spec.height} x {spec.width} x 3 (RGB, the bundle size), "
+            f"got {frames.dtype} {tuple(frames.shape)}: resize frames before calling the engine"
+        )
+    if frames.shape[0] < 1:
+        raise ValueError("frames holds no frame (batch 0)")
+    return frames
 
 
 def nvidia_driver_present() -> bool:

@@ -31,6 +31,9 @@ class EngineOptions:
         cuda_graphs: capture CUDA graphs for fixed batch sizes (torch and TensorRT on CUDA).
         max_batch: largest batch the service will send (sizes TensorRT profiles and CUDA graph captures).
         engine_cache: folder for built TensorRT engines (default: the bundle folder).
+        spin_wait: ONNX Runtime's intra-op threads spin for work after each run instead of sleeping; saves about
+            a millisecond per call when frames come back to back, but burns cores that decoding and other clients
+            need (README "Choosing the settings").
     """
 
     device: Device = "auto"
@@ -39,6 +42,7 @@ class EngineOptions:
     cuda_graphs: bool = True
     max_batch: int = 8
     engine_cache: str | None = None
+    spin_wait: bool = False
 
 
 @runtime_checkable

@@ -106,6 +106,8 @@ class OnnxRuntimeEngine:
         session_options = ort.SessionOptions()
         if options.threads > 0:
             session_options.intra_op_num_threads = options.threads
+        # ORT's default is to spin; off, its threads sleep between calls and leave the cores to decoding and clients
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin_wait else "0")
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self._session = ort.InferenceSession(str(bundle.model_path), session_options, providers=providers)
@@ -122,6 +124,7 @@ class OnnxRuntimeEngine:
         self.precision = own
         self.output_names = tuple(o.name for o in self._session.get_outputs())
         self.providers = tuple(active)
+        self.spin_wait = options.spin_wait
         logger.info("onnxruntime %s: %s on %s (%s)", ort.__version__, bundle.model_path.name, self.device, active)
 
     def run(self, frames: np.ndarray) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle import Bundle
-from service.engines._common import check_frames
+from service.engines._common import check_frame_tensor, check_frames
 from service.engines.base import EngineOptions, EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -379,10 +379,14 @@ class TensorRTEngine:
             logger.info("captured a CUDA graph for batch %d", batch)
         return self._graphs[batch]
 
-    def run(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, frames: Any) -> dict[str, np.ndarray]:
+        """`frames`: a numpy batch, or a uint8 tensor batch already on this GPU (GPU-decoded frames: no host copy)."""
         torch = self._torch
-        frames = check_frames(frames, self._bundle)
-        batch = frames.shape[0]
+        if isinstance(frames, np.ndarray):
+            source = torch.from_numpy(check_frames(frames, self._bundle))
+        else:
+            source = check_frame_tensor(frames, self._bundle)
+        batch = source.shape[0]
         if batch > self.max_batch:
             raise ValueError(
                 f"batch {batch} is above the engine's max batch {self.max_batch}: send smaller batches or build an "
@@ -390,7 +394,7 @@ class TensorRTEngine:
             )
         bindings = self._bindings.get(batch)
         with torch.cuda.stream(self._stream):
-            bindings.input.copy_(torch.from_numpy(frames))
+            bindings.input.copy_(source)
             graph = self._graph(batch)
             if graph is not None:
                 graph.replay()

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from service.deps import Authorized, Service, State
 from service.errors import BadInput, UnsupportedMediaType
-from service.schemas import ErrorBody, InferResult, MaskFormat, StreamRequest
-from service.serving import InferOptions, Outcome
+from service.postprocess import RAW_MEDIA_TYPE, InferOptions, Outcome
+from service.schemas import ErrorBody, InferResult, MaskFormat, MaskSize, StreamRequest
 
 router = APIRouter(tags=["inference"], dependencies=[Authorized])
 
@@ -59,17 +60,39 @@ OPENAPI_BODY = {
                 "application/json": {"schema": {"$ref": "#/components/schemas/InferResult"}},
                 "application/x-ndjson": {"schema": {"type": "string"}, "example": '{"frame": {"id": 0, ...}}\n'},
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
+                RAW_MEDIA_TYPE: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "mask=raw: uint32 little-endian N, N bytes of JSON result, then the class map's "
+                    "height x width bytes (row-major)",
+                },
             }
         }
     },
 }
 
 
-def _options(service: Service, request: Request, mask: MaskFormat, tasks: str | None, overlay: bool) -> InferOptions:
+def _options(
+    service: Service, request: Request, mask: MaskFormat, mask_size: MaskSize, tasks: str | None, overlay: bool
+) -> InferOptions:
     accept = request.headers.get("accept", "")
     image = "png" if overlay or "image/png" in accept else "jpeg" if "image/jpeg" in accept else None
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    return InferOptions(mask=mask, tasks=service.validate_tasks(names), overlay=image)
+    return InferOptions(mask=mask, mask_size=mask_size, tasks=service.validate_tasks(names), overlay=image)
+
+
+def _json(body: bytes) -> Response:
+    """A JSON body serialised by orjson already: no second validation or encoding pass."""
+    return Response(body, media_type="application/json")
+
+
+def _single_frame_only(options: InferOptions, what: str) -> None:
+    if options.mask == "raw":
+        raise BadInput(
+            "raw_mask_single_frame",
+            f"mask=raw (the compact binary response) carries one frame; {what} answer JSON: use mask=png or rle",
+            param="mask",
+            value="raw",
+        )
 
 
 @router.post(
@@ -83,20 +106,29 @@ async def infer(
     request: Request,
     service: Service,
     state: State,
-    mask: Annotated[MaskFormat, Query(description="mask encoding in the JSON result")] = "png",
+    mask: Annotated[
+        MaskFormat, Query(description="mask encoding: png|rle in the JSON; raw: the compact binary response")
+    ] = "png",
+    mask_size: Annotated[
+        MaskSize, Query(description="model: the class map at the model's grid (default); frame: at the frame's size")
+    ] = "model",
     tasks: Annotated[str | None, Query(description="comma-separated tasks to return (default: all)")] = None,
     overlay: Annotated[bool, Query(description="return the frame with the mask and label drawn (PNG)")] = False,
 ) -> Response:
-    options = _options(service, request, mask, tasks, overlay)
+    options = _options(service, request, mask, mask_size, tasks, overlay)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in IMAGE_TYPES:
         outcome = await service.infer_bytes(await request.body(), options)
         if outcome.image is not None:
             return Response(outcome.image, media_type=f"image/{options.overlay}", headers=_summary(outcome.result))
-        return JSONResponse(outcome.result.model_dump(mode="json"))
+        if options.mask == "raw":
+            return Response(outcome.compact(), media_type=RAW_MEDIA_TYPE)
+        return _json(outcome.json())
     if content_type == "multipart/form-data":
+        _single_frame_only(options, "multipart batches")
         return await _infer_multipart(request, service, state, options)
     if content_type == "application/json":
+        _single_frame_only(options, "streams")
         try:
             spec = StreamRequest.model_validate_json(await request.body())
         except ValidationError as err:
@@ -124,12 +156,12 @@ async def _infer_multipart(request: Request, service: Service, state: State, opt
     if not parts:
         raise BadInput("no_frames", "the multipart body has no `frame` file parts", param="frame")
     datas = [await p.read() for p in parts]
-    per_frame = InferOptions(options.mask, options.tasks)  # overlays are single-frame only
+    per_frame = InferOptions(mask=options.mask, mask_size=options.mask_size, tasks=options.tasks)  # no overlays
     # submitted together so they share engine batches; answered in order
     outcomes = await asyncio.gather(
         *(_named_part(service.infer_bytes(data, per_frame, frame_id=i), i) for i, data in enumerate(datas))
     )
-    return JSONResponse([o.result.model_dump(mode="json") for o in outcomes])
+    return _json(orjson.dumps([o.result for o in outcomes], option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 async def _named_part(call: Awaitable[Outcome], index: int) -> Outcome:
@@ -140,10 +172,11 @@ async def _named_part(call: Awaitable[Outcome], index: int) -> Outcome:
         raise
 
 
-def _summary(result: InferResult) -> dict[str, str]:
+def _summary(result: dict[str, Any]) -> dict[str, str]:
     """Headers that let an overlay client read the label and latency without a second request."""
-    headers = {"X-Latency-Ms": f"{result.latency_ms.total:.3f}"}
-    if result.activity is not None:
-        headers["X-Activity"] = result.activity.label
-        headers["X-Activity-Confidence"] = f"{result.activity.confidence:.4f}"
+    headers = {"X-Latency-Ms": f"{result['latency_ms']['total']:.3f}"}
+    activity = result["activity"]
+    if activity is not None:
+        headers["X-Activity"] = activity["label"]
+        headers["X-Activity-Confidence"] = f"{activity['confidence']:.4f}"
     return headers

@@ -49,7 +49,13 @@ async def model(state: State) -> dict[str, Any]:
         "version": state.bundle.version,
         "engine": None
         if engine is None
-        else {"backend": engine.backend, "device": engine.device, "precision": engine.precision},
+        else {
+            "backend": engine.backend,
+            "device": engine.device,
+            "precision": engine.precision,
+            "decoder": state.service.decoder.device,
+            "onnxruntime_spin_wait": getattr(engine, "spin_wait", None),
+        },
         "batching": {
             "max_batch": state.batcher.max_batch,
             "max_queue_delay_ms": state.batcher.max_queue_delay_s * 1000,

@@ -1,7 +1,8 @@
 """`GET /ws/infer`: a capture box pushes binary JPEG/PNG frames and receives one JSON result per processed frame.
 
 Frames arriving while the engine is busy replace each other (latest wins); each result says in
-`frame.dropped_before` how many were skipped. A bad frame gets an error message and the session goes on.
+`frame.dropped_before` how many were skipped. A bad frame gets an error message and the session goes on. With
+`mask=raw` each result is a binary message in the compact format (README "Compact responses").
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from service.deps import websocket_authorized
 from service.errors import ServiceError
 from service.live import LatestSlot
-from service.schemas import MaskFormat
-from service.serving import InferOptions
+from service.postprocess import InferOptions
+from service.schemas import MaskFormat, MaskSize
 from service.state import AppState
 
 router = APIRouter(tags=["inference"])
@@ -30,6 +31,7 @@ TRY_AGAIN_LATER = 1013
 async def ws_infer(
     websocket: WebSocket,
     mask: Annotated[MaskFormat, Query()] = "png",
+    mask_size: Annotated[MaskSize, Query()] = "model",
     tasks: Annotated[str | None, Query()] = None,
 ) -> None:
     state: AppState = websocket.app.state.endostream
@@ -40,7 +42,7 @@ async def ws_infer(
     service = state.service
     try:
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-        options = InferOptions(mask=mask, tasks=service.validate_tasks(names))
+        options = InferOptions(mask=mask, mask_size=mask_size, tasks=service.validate_tasks(names))
     except ServiceError as err:
         await websocket.send_json(err.body())
         await websocket.close(code=POLICY_VIOLATION)
@@ -82,8 +84,11 @@ async def ws_infer(
                 body["frame"] = {"id": pushed.index}
                 await websocket.send_text(json.dumps(body))
                 continue
-            outcome.result.frame.dropped_before = pushed.dropped_before
-            await websocket.send_text(outcome.result.model_dump_json())
+            outcome.result["frame"]["dropped_before"] = pushed.dropped_before
+            if options.mask == "raw":  # the compact response as a binary message
+                await websocket.send_bytes(outcome.compact())
+            else:
+                await websocket.send_text(outcome.json().decode())
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
     finally:

@@ -9,7 +9,7 @@ const P50_WINDOW = 30; // frames in the rolling median of the total latency
 const FPS_WINDOW_MS = 2000; // results counted for the processed-fps readout
 const READY_POLL_MS = 2000;
 const TOKEN_KEY = "endostream.token"; // sessionStorage: the token lives as long as the tab
-const STAGES = ["decode", "preprocess", "queue", "infer", "postprocess", "encode"];
+const STAGES = ["decode", "preprocess", "queue", "infer", "postprocess", "encode", "unattributed"];
 const TYPES = { jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", bmp: "image/bmp" };
 
 const state = {
@@ -225,6 +225,9 @@ async function render({ result, blob, rtt, redraw = false }) {
   ctx.imageSmoothingEnabled = false; // class edges stay crisp when the mask is scaled
   ctx.drawImage(frame, 0, 0);
   frame.close();
+  // The mask comes at the model's grid (mask_size=model) and covers the whole frame: stretched onto it with
+  // nearest-neighbour sampling, each frame pixel shows the class of the grid cell its centre falls in, as the API
+  // documents; smoothing would blend neighbouring classes into colours that belong to no class.
   if (overlay) ctx.drawImage(overlay, 0, 0, canvas.width, canvas.height);
   canvas.hidden = false;
   $("placeholder").hidden = true;
@@ -293,6 +296,7 @@ function showResult(result, rtt) {
   $("latency-stages").replaceChildren(
     ...STAGES.map((stage) => stageRow(stage, latency[stage])),
     stageRow("batch size", latency.batch_size, String(latency.batch_size)),
+    stageRow("decoded on", null, latency.decoder ?? "cpu"),
   );
 
   const frame = result.frame;

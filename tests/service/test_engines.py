@@ -410,3 +410,14 @@ def test_torch_cuda_graphs_at_half_precision_match_fp32(pt2_bundle: Path, precis
     _compare(reference.run(frames), cpu.run(frames), PROB_TOLERANCE, MASK_AGREEMENT)  # fp32 on CUDA = the graph
     engine.close()
     reference.close()
+
+
+def test_frame_tensors_are_checked_like_arrays(endoarss_bundle: Path):
+    from service.engines._common import check_frame_tensor
+
+    bundle = load_bundle(endoarss_bundle)
+    good = torch.zeros((2, SIZE, SIZE, 3), dtype=torch.uint8)
+    assert check_frame_tensor(good, bundle) is good
+    for bad in (good.float(), good[0], torch.zeros((1, SIZE + 1, SIZE, 3), dtype=torch.uint8), good[:0]):
+        with pytest.raises(ValueError, match="frames"):
+            check_frame_tensor(bad, bundle)

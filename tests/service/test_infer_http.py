@@ -64,20 +64,58 @@ def test_jpeg_result_matches_onnxruntime(server, frames, endoarss_bundle) -> Non
         "dropped_before": 0,
         "frame_jpeg": None,
     }
+    # default: the class map at the model's grid, exactly the graph's output
     seg_result = result["segmentation"]
-    mask = cv2.imdecode(np.frombuffer(base64.b64decode(seg_result["mask"]), np.uint8), cv2.IMREAD_UNCHANGED)
-    assert mask.shape == (480, 640) and mask.dtype == np.uint8
+    grid = _png_mask(seg_result)
+    assert seg_result["mask_size"] == "model" and (seg_result["height"], seg_result["width"]) == size
+    np.testing.assert_array_equal(grid, seg[0])
+    # mask_size=frame: the same map upscaled by the documented rule (nearest, at pixel centres)
+    full = _post(server, data, "image/png", mask_size="frame").json()["segmentation"]
+    mask = _png_mask(full)
+    assert full["mask_size"] == "frame" and (full["height"], full["width"]) == (480, 640)
     expected = cv2.resize(seg[0], (640, 480), interpolation=cv2.INTER_NEAREST_EXACT)
     assert (mask == expected).mean() == 1.0
+    assert full["classes"] == seg_result["classes"]  # fractions are shares of the frame either way
     fractions = {c["index"]: c["fraction"] for c in seg_result["classes"]}
     for index, fraction in fractions.items():
         assert fraction == pytest.approx((mask == index).mean(), abs=1e-6)
     assert sum(fractions.values()) == pytest.approx(1.0, abs=1e-4)
     latency = result["latency_ms"]
-    stages = ["decode", "preprocess", "queue", "infer", "postprocess", "encode"]
+    stages = ["decode", "preprocess", "queue", "infer", "postprocess", "encode", "unattributed"]
     assert all(latency[s] >= 0 for s in stages) and latency["infer"] > 0
-    assert latency["total"] >= sum(latency[s] for s in stages) * 0.99
+    assert sum(latency[s] for s in stages) == pytest.approx(latency["total"], abs=0.01)
+    assert latency["decoder"] == "cpu"
     assert result["model"]["backend"] == "onnxruntime" and result["model"]["precision"] == "fp32"
+
+
+def _png_mask(segmentation: dict) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(segmentation["mask"]), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("mask_size", ["model", "frame"])
+def test_compact_response_carries_the_raw_mask(server, frames, mask_size) -> None:
+    from service.postprocess import RAW_MEDIA_TYPE, decode_compact
+
+    data = encode(frames[2], ".png")
+    reply = _post(server, data, "image/png", mask="raw", mask_size=mask_size)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == RAW_MEDIA_TYPE
+    result, mask = decode_compact(reply.content)
+    seg = result["segmentation"]
+    assert seg["mask_format"] == "raw" and seg["mask"] is None and mask.dtype == np.uint8
+    png = _post(server, data, "image/png", mask_size=mask_size).json()
+    np.testing.assert_array_equal(mask, _png_mask(png["segmentation"]))
+    assert result["activity"]["probabilities"] == pytest.approx(png["activity"]["probabilities"], abs=1e-6)
+    # the README's client example, verbatim in spirit: length, JSON, then height x width bytes
+    n = int.from_bytes(reply.content[:4], "little")
+    meta = json.loads(reply.content[4 : 4 + n])
+    assert len(reply.content) == 4 + n + meta["segmentation"]["height"] * meta["segmentation"]["width"]
+
+
+def test_raw_mask_is_refused_where_it_cannot_travel(server, frames) -> None:
+    files = [("frame", ("f.jpg", encode(frames[0]), "image/jpeg"))]
+    reply = httpx.post(f"{server.url}/infer", files=files, params={"mask": "raw"}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "mask"
 
 
 @pytest.mark.parametrize("ext,content_type", [(".jpg", "image/jpeg"), (".png", "image/png"), (".bmp", "image/bmp")])
@@ -92,12 +130,14 @@ def test_rle_mask_equals_png_mask_and_tasks_filter(server, frames) -> None:
     png = _post(server, data, "image/png").json()["segmentation"]
     rle = _post(server, data, "image/png", mask="rle").json()["segmentation"]
     assert rle["mask_format"] == "rle"
-    from_png = cv2.imdecode(np.frombuffer(base64.b64decode(png["mask"]), np.uint8), cv2.IMREAD_UNCHANGED)
-    np.testing.assert_array_equal(decode_mask_rle(rle["mask"], 480, 640), from_png)
+    from_png = _png_mask(png)
     only_activity = _post(server, data, "image/png", tasks="activity").json()
     assert only_activity["segmentation"] is None and only_activity["activity"] is not None
+    np.testing.assert_array_equal(decode_mask_rle(rle["mask"], rle["height"], rle["width"]), from_png)
+    full = _post(server, data, "image/png", mask="rle", mask_size="frame").json()["segmentation"]
+    assert decode_mask_rle(full["mask"], 480, 640).shape == (480, 640)
     no_mask = _post(server, data, "image/png", mask="none").json()["segmentation"]
-    assert no_mask["mask"] is None and no_mask["classes"]
+    assert no_mask["mask"] is None and no_mask["classes"] == png["classes"]
 
 
 def test_multipart_batch_in_order(server, frames) -> None:

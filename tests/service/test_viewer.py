@@ -111,10 +111,17 @@ def _colours(server: ServerProcess) -> np.ndarray:
     return np.array(next(t for t in tasks if t["kind"] == "segmentation")["colors"], np.float32)
 
 
-def _check_overlay(shot: np.ndarray, raw: np.ndarray, mask: np.ndarray, colours: np.ndarray) -> None:
-    """`shot` is `raw` with `mask` drawn in `colours` at ALPHA, class 0 left clear (JPEG decoders may differ by 1-2)."""
+def _frame_mask(grid: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """The model-grid mask at the frame's size, by the rule the API documents (what `mask_size=frame` returns)."""
+    return cv2.resize(grid, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def _check_overlay(shot: np.ndarray, raw: np.ndarray, grid: np.ndarray, colours: np.ndarray) -> None:
+    """`shot` is `raw` with the model-grid mask `grid`, scaled onto it by the documented rule (nearest sample at
+    pixel centres), drawn in `colours` at ALPHA, class 0 left clear (JPEG decoders may differ by 1-2)."""
     assert shot.shape == raw.shape, "the canvas should show the frame at its own size"
-    assert mask.shape == raw.shape[:2]
+    assert grid.shape != raw.shape[:2], "the served mask should be at the model's grid"
+    mask = _frame_mask(grid, raw)
     assert shot.std() > 10, "the canvas is blank"
     expected = np.where((mask > 0)[..., None], raw * (1 - ALPHA) + colours[mask] * ALPHA, raw)
     tinted_expected = np.abs(expected - raw).max(-1) > 16
@@ -129,6 +136,11 @@ def _check_overlay(shot: np.ndarray, raw: np.ndarray, mask: np.ndarray, colours:
         # undo the blend: each class shows in its own manifest colour
         recovered = ((shot[where] - raw[where] * (1 - ALPHA)) / ALPHA).mean(0)
         np.testing.assert_allclose(recovered, colours[index], atol=10, err_msg=f"class {index} colour")
+    # crisp edges: every tinted pixel shows one class's colour, none a blend of two neighbouring classes
+    tinted = np.abs(shot - raw).max(-1) > 16
+    recovered = (shot[tinted] - raw[tinted] * (1 - ALPHA)) / ALPHA
+    nearest = np.abs(recovered[:, None, :] - colours[None, 1:, :]).max(-1).min(-1)
+    assert (nearest <= 30).mean() > 0.995, "the scaled mask was smoothed: edge pixels mix class colours"
 
 
 def test_upload_draws_frame_mask_overlay_and_readouts(server, page: Page, frames, tmp_path: Path) -> None:
@@ -156,7 +168,7 @@ def test_upload_draws_frame_mask_overlay_and_readouts(server, page: Page, frames
         expect(page.locator("#classes")).to_contain_text(present["name"])
     expect(page.locator("#latency-total")).to_have_text(re.compile(r"^\d+\.\d$"))
     expect(page.locator("#latency-p50")).to_have_text(re.compile(r"^\d+\.\d$"))
-    expect(page.locator("#latency-stages tr")).to_have_count(7)  # six stages + batch size
+    expect(page.locator("#latency-stages tr")).to_have_count(9)  # six stages + unattributed + batch size + decoder
 
     shot_path = tmp_path / "viewer-canvas.png"
     shot = _rgb(canvas.screenshot(path=str(shot_path))).astype(np.float32)
@@ -181,7 +193,8 @@ def test_background_class_is_left_clear(server, page: Page, frames, tmp_path: Pa
     shot = _rgb(canvas.screenshot(path=str(tmp_path / "viewer-background.png"))).astype(np.float32)
     raw = _rgb(jpeg).astype(np.float32)
     _check_overlay(shot, raw, mask, _colours(server))
-    assert np.abs(shot - raw)[mask == 0].max() <= 12, "background pixels must show the frame untouched"
+    background = _frame_mask(mask, raw) == 0
+    assert np.abs(shot - raw)[background].max() <= 12, "background pixels must show the frame untouched"
 
 
 def test_error_body_is_shown(server, page: Page) -> None:
