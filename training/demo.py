@@ -29,10 +29,18 @@ def run_demo(workdir: Path, *, images: int = 4000, seed: int = 0) -> dict:
             write_clip(videos, index, seed, seconds=20.0, fps=30)
         logger.info("wrote %d clips (20 s, 30 fps) into %s", DEMO_CLIPS, videos)
     run = workdir / "runs" / "tiny"
-    if not (run / "best-merged" / "model.safetensors").is_file():
-        train(load_config("tiny", [f"data.root={data}"]), run, resume=True)
+    cfg = load_config("tiny", [f"data.root={data}"])
+    if not _finished(run, cfg.train.epochs):  # an interrupted run resumes from RUN/last instead of being kept
+        train(cfg, run, resume=True)
     result = run_evaluation(
         run / "best-merged", data, split="test", json_out=workdir / "eval_test.json", markdown_out=workdir / "eval.md"
     )
     logger.info("results: %s and %s", workdir / "eval_test.json", workdir / "eval.md")
     return result
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    """Whether `run` trained every epoch (one line per epoch in metrics.jsonl) and wrote its merged checkpoint."""
+    metrics = run / "metrics.jsonl"
+    done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    return done >= epochs and (run / "best-merged" / "model.safetensors").is_file()
