@@ -277,12 +277,29 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     http.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the demo bundle)")
     http.add_argument("--concurrency", default="1,8", help="comma-separated client counts (default 1,8)")
-    http.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    http.add_argument("--requests", type=int, default=300, help="requests per concurrency level (default 300)")
     http.add_argument("--size", default="1920x1080", help="generated JPEG frame size WxH (default 1920x1080)")
     http.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated frames")
-    http.add_argument("--mask", choices=["png", "rle", "none"], default="png")
+    http.add_argument("--mask", choices=["png", "rle", "raw", "none"], default="png")
+    http.add_argument("--mask-size", choices=["model", "frame"], help="mask size to ask for (default: the server's)")
     http.add_argument("--max-batch", type=int, default=8, help="dynamic batch of the batching variant")
     http.add_argument("--threads", type=int, default=0, help="engine threads (0: backend default)")
+    http.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment (repeatable)"
+    )
+    http.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="one more batching variant with this environment, e.g. spin:ENDOSTREAM_ORT_SPIN_WAIT=1 (repeatable)",
+    )
+    http.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also serve from this source tree (e.g. `git worktree add ../before HEAD~1`) and report ratios",
+    )
     http.add_argument("--json", type=Path, required=True, help="where the results go")
     http.set_defaults(func=_run_bench_http)
     stream = bench_sub.add_parser("stream", help="a live source through the service: fps, drops, frame age")
@@ -357,11 +374,27 @@ def _run_bench_http(args: argparse.Namespace) -> int:
         requests=args.requests,
         max_batch=args.max_batch,
         mask=args.mask,
+        mask_size=args.mask_size,
         threads=args.threads,
+        env=_key_values(args.env, "--env"),
+        also={
+            name: _key_values(pairs.split(","), "--also") for name, _, pairs in (a.partition(":") for a in args.also)
+        },
+        baseline=args.baseline,
     )
     report["frame_size"] = args.size
     _write_report(args.json, report, format_http(report))
     return 0
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r} is not KEY=VALUE (e.g. ENDOSTREAM_ORT_SPIN_WAIT=1)")
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def _run_bench_stream(args: argparse.Namespace) -> int:

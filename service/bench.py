@@ -1,31 +1,49 @@
 """`endostream bench http` and `endostream bench stream`: the service measured from outside, as a client sees it.
 
-bench http starts the service twice on loopback (dynamic batching on, then off), sends the same encoded frames at
-each concurrency, and reports end-to-end p50/p99, the server's own per-stage split (decode / preprocess / infer /
-everything else = service overhead) and throughput, with the batching/no-batching ratio. bench stream reads a live
-source through `POST /infer` for a fixed time and reports processed fps, dropped frames and frame age p50/p99.
-The client runs on the same machine as the server: on a 2-core box it competes for the cores, and the JSON says so.
+bench http starts the service on loopback once per variant (dynamic batching on, off, extra settings, and optionally
+a baseline checkout such as the previous commit), sends the same encoded frames at each concurrency, and reports
+end-to-end percentiles, the server's own per-stage split, the service overhead (server total minus decode,
+preprocess, queue and inference), the time nobody attributed, the client-minus-server gap, throughput against the
+same bundle's engine alone (same threads, measured in the same run), and the server's CPU milliseconds per frame
+outside the engine's threads (from /proc: what decides how many streams a GPU box's CPUs can feed).
+bench stream reads a live source through `POST /infer` for a fixed time and reports processed fps, dropped frames
+and frame age p50/p99. The client runs on the same machine as the server: on a 2-core box it competes for the cores,
+and the JSON says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from service import proc_cpu
 from service.launcher import ServiceProcess
 
 STAGES = ("decode", "preprocess", "queue", "infer", "postprocess", "encode")
+ENGINE_PATH = ("decode", "preprocess", "infer")  # what a frame cannot do without; the rest is the service's overhead
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would time the log, not the service
+
+
+@dataclass(frozen=True)
+class ServerVariant:
+    """One server configuration `bench http` measures: flags, extra environment, and the checkout it runs from."""
+
+    name: str
+    max_batch: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    checkout: Path | None = None  # another source tree (e.g. the previous commit); None: this one
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -43,14 +61,14 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-async def _drive(url: str, frames: Sequence[bytes], concurrency: int, requests: int, mask: str) -> dict[str, Any]:
+async def _drive(
+    url: str, frames: Sequence[bytes], concurrency: int, requests: int, params: Mapping[str, str]
+) -> dict[str, Any]:
     """`requests` POSTs spread over `concurrency` clients; each client sends its next frame when answered."""
     import httpx
 
     latencies: list[float] = []
-    stages: dict[str, list[float]] = {s: [] for s in STAGES}
-    server_total: list[float] = []
-    batch_sizes: list[int] = []
+    replies: list[dict[str, Any]] = []
     statuses: dict[int, int] = {}
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -62,38 +80,93 @@ async def _drive(url: str, frames: Sequence[bytes], concurrency: int, requests: 
                 body = frames[i % len(frames)]
                 started = time.perf_counter()
                 reply = await client.post(
-                    "/infer", content=body, params={"mask": mask}, headers={"content-type": "image/jpeg"}
+                    "/infer", content=body, params=dict(params), headers={"content-type": "image/jpeg"}
                 )
                 elapsed = (time.perf_counter() - started) * 1000
                 statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
                 if reply.status_code != 200:
                     continue
-                latency = reply.json()["latency_ms"]
                 latencies.append(elapsed)
-                server_total.append(latency["total"])
-                batch_sizes.append(latency["batch_size"])
-                for stage in STAGES:
-                    stages[stage].append(latency[stage])
+                replies.append(reply.json()["latency_ms"])
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-
-    split = {s: round(statistics.fmean(v), 3) if v else None for s, v in stages.items()}
-    e2e = _percentiles(latencies)
-    named = sum(split[s] or 0.0 for s in ("decode", "preprocess", "infer"))
     return {
         "concurrency": concurrency,
         "requests": requests,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "throughput_fps": round(len(latencies) / wall, 2),
-        "end_to_end_ms": e2e,
-        "server_total_ms": _percentiles(server_total),
-        "stage_mean_ms": split,
-        # everything that is not decode, preprocess or the engine: HTTP, queueing, postprocess, encode, transfer
-        "rest_mean_ms": round(e2e.get("mean", 0.0) - named, 3) if latencies else None,
-        "mean_batch_size": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
+        **_split(latencies, replies),
     }
+
+
+def _split(e2e: Sequence[float], replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Where each request's time went, from the client's clock and the server's `latency_ms`."""
+    total = [r["total"] for r in replies]
+    stages = {s: [r[s] for r in replies] for s in STAGES}
+    # a server that does not report it (an older checkout) leaves it to the arithmetic
+    stages["unattributed"] = [r.get("unattributed", r["total"] - sum(r[s] for s in STAGES)) for r in replies]
+    overhead = [r["total"] - sum(r[s] for s in ("decode", "preprocess", "queue", "infer")) for r in replies]
+    engine_path = [sum(r[s] for s in ENGINE_PATH) for r in replies]
+    return {
+        "end_to_end_ms": _percentiles(e2e),
+        "server_total_ms": _percentiles(total),
+        "stage_ms": {
+            s: {k: v for k, v in _percentiles(values).items() if k in ("mean", "p50")} for s, values in stages.items()
+        },  # fmt: skip
+        # server total - decode - preprocess - queue - infer: postprocess, encode and every hand-off
+        "service_overhead_ms": _percentiles(overhead),
+        "client_minus_server_ms": _percentiles([c - t for c, t in zip(e2e, total, strict=True)]),
+        # what the client waits beyond the work a frame cannot avoid (HTTP, JSON, hops, queue, postprocess)
+        "e2e_minus_engine_path_ms": _percentiles([c - p for c, p in zip(e2e, engine_path, strict=True)]),
+        "mean_batch_size": round(statistics.fmean(r["batch_size"] for r in replies), 2) if replies else None,
+        "decoder": replies[0].get("decoder", "cpu") if replies else None,
+    }
+
+
+def _measured(server: ServiceProcess, engine: frozenset[int], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()` (one concurrency level) with the server's CPU time split into engine threads and the rest."""
+    pid = server.proc.pid if server.proc else 0
+    before = proc_cpu.sample(pid, engine) if proc_cpu.supported() else None
+    result = run()
+    if before is not None:
+        used = proc_cpu.sample(pid, engine) - before
+        frames = max(result["statuses"].get("200", 0), 1)
+        result["cpu_ms_per_frame"] = {
+            "process": round(used.process_s * 1000 / frames, 3),
+            "engine": round(used.engine_s * 1000 / frames, 3),
+            "outside_engine": round((used.process_s - used.engine_s) * 1000 / frames, 3),
+        }
+    return result
+
+
+def engine_only(bundle: Path, frames: Sequence[bytes], *, threads: int, spin_wait: bool, batches: Sequence[int],
+                seconds: float = 3.0) -> dict[str, Any]:  # fmt: skip
+    """Frames per second of the bundle's ONNX Runtime engine alone, with the service's threads and spinning."""
+    from service.bundle import load_bundle
+    from service.decoding import CpuDecoder
+    from service.engines import EngineOptions, open_engine, warm_up
+
+    loaded = load_bundle(bundle)
+    spec = loaded.manifest.input
+    decoder = CpuDecoder(spec.height, spec.width, max_pixels=1 << 30)
+    inputs = [decoder.decode(f).model_input for f in frames]
+    engine = open_engine(loaded, "onnxruntime", EngineOptions(device="cpu", threads=threads, spin_wait=spin_wait))
+    try:
+        warm_up(engine, spec.height, spec.width, batches=tuple(batches), runs=3)
+        fps = {}
+        for batch in batches:
+            stacked = np.stack([inputs[i % len(inputs)] for i in range(batch)])
+            calls, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                engine.run(stacked)
+                calls += 1
+            fps[str(batch)] = round(calls * batch / (time.perf_counter() - started), 2)
+    finally:
+        engine.close()
+    best = max(fps, key=fps.__getitem__)
+    return {"threads": threads, "spin_wait": spin_wait, "fps": fps, "best_batch": int(best), "best_fps": fps[best]}
 
 
 def bench_http(
@@ -101,52 +174,138 @@ def bench_http(
     frames: Sequence[bytes],
     *,
     concurrency: Sequence[int] = (1, 8),
-    requests: int = 200,
+    requests: int = 300,
     warmup: int = 20,
     max_batch: int = 8,
     max_queue_delay_ms: float = 2.0,
     mask: str = "png",
+    mask_size: str | None = None,
     threads: int = 0,
+    env: Mapping[str, str] | None = None,
+    also: Mapping[str, Mapping[str, str]] | None = None,
+    baseline: Path | None = None,
+    engine_seconds: float = 3.0,
     log_dir: Path = Path("endostream-work/bench-logs"),
 ) -> dict[str, Any]:
-    """Measure the service with dynamic batching (`max_batch`) and without (batch 1), at each concurrency."""
-    variants = {"batching": max_batch, "no_batching": 1}
+    """Measure the service with dynamic batching (`max_batch`) and without (batch 1), at each concurrency.
+
+    Args:
+        env: extra environment for every server (e.g. ENDOSTREAM_DECODE, ENDOSTREAM_BACKEND).
+        also: more batching variants, name -> extra environment (e.g. {"spin": {"ENDOSTREAM_ORT_SPIN_WAIT": "1"}}).
+        baseline: a checkout of another commit, run with batching under the same client load ("baseline"); its
+            ratios against this checkout go into the report.
+        engine_seconds: per batch size, for the engine-only throughput of the same bundle and threads.
+    """
+    bundle = bundle.resolve()
+    base_env = {**({"ENDOSTREAM_THREADS": str(threads)} if threads else {}), **(env or {})}
+    variants = [ServerVariant("batching", max_batch, base_env), ServerVariant("no_batching", 1, base_env)]
+    variants += [ServerVariant(name, max_batch, {**base_env, **extra}) for name, extra in (also or {}).items()]
+    if baseline is not None:
+        variants.append(ServerVariant("baseline", max_batch, base_env, baseline.resolve()))
+    params = {"mask": mask, **({"mask_size": mask_size} if mask_size else {})}
+    spin = str(base_env.get("ENDOSTREAM_ORT_SPIN_WAIT", "0")).lower() in ("1", "true", "yes", "on")
     report: dict[str, Any] = {
         "bundle": str(bundle),
         "frame_bytes_mean": int(statistics.fmean(len(f) for f in frames)),
-        "mask": mask,
+        "params": params,
         "machine": _machine(),
+        "engine_only": engine_only(
+            bundle,
+            frames,
+            threads=threads,
+            spin_wait=spin,
+            batches=sorted({1, max_batch // 2 or 1, max_batch}),
+            seconds=engine_seconds,
+        ),  # fmt: skip
         "variants": {},
     }
-    for name, batch in variants.items():
-        args = ["--max-batch", str(batch), "--max-queue-delay-ms", str(max_queue_delay_ms)]
-        env = {"ENDOSTREAM_THREADS": str(threads)} if threads else {}
-        with ServiceProcess(bundle, args=args, env=env).start(log_dir) as server:
-            asyncio.run(_drive(server.url, frames, 1, warmup, mask))
-            runs = {str(c): asyncio.run(_drive(server.url, frames, c, requests, mask)) for c in concurrency}
-        report["variants"][name] = {"max_batch": batch, "runs": runs}
-    top = str(max(concurrency))
-    with_b = report["variants"]["batching"]["runs"][top]["throughput_fps"]
-    without = report["variants"]["no_batching"]["runs"][top]["throughput_fps"]
-    report["batching_throughput_ratio"] = {"concurrency": int(top), "ratio": round(with_b / without, 3)}
+    for variant in variants:
+        args = ["--max-batch", str(variant.max_batch), "--max-queue-delay-ms", str(max_queue_delay_ms)]
+        server = ServiceProcess(bundle, args=args, env=variant.env, cwd=variant.checkout)
+        with server.start(log_dir):
+            assert server.proc is not None
+            engine = proc_cpu.engine_threads(server.proc.pid) if proc_cpu.supported() else frozenset()
+            asyncio.run(_drive(server.url, frames, 1, warmup, params))
+            runs = {}
+            for conc in concurrency:
+                drive = _drive(server.url, frames, conc, requests, params)
+                runs[str(conc)] = _measured(server, engine, functools.partial(asyncio.run, drive))
+        report["variants"][variant.name] = {
+            "max_batch": variant.max_batch,
+            "env": dict(variant.env),
+            "checkout": str(variant.checkout) if variant.checkout else None,
+            "engine_threads": len(engine),
+            "runs": runs,
+        }
+    report["ratios"] = _ratios(report, str(max(concurrency)))
     return report
 
 
+def _ratios(report: dict[str, Any], top: str) -> dict[str, Any]:
+    variants = report["variants"]
+    fps = {name: v["runs"][top]["throughput_fps"] for name, v in variants.items()}
+    best_service = max(fps[name] for name in variants if name != "baseline")
+    ratios: dict[str, Any] = {
+        "concurrency": int(top),
+        "batching_vs_no_batching": round(fps["batching"] / fps["no_batching"], 3),
+        "service_vs_engine_only": round(best_service / report["engine_only"]["best_fps"], 3),
+    }
+    if "baseline" in variants:
+        now, before = variants["batching"]["runs"], variants["baseline"]["runs"]
+        ratios["vs_baseline"] = {
+            conc: {
+                "e2e_p50_speedup": round(before[conc]["end_to_end_ms"]["p50"] / now[conc]["end_to_end_ms"]["p50"], 3),
+                "throughput": round(now[conc]["throughput_fps"] / before[conc]["throughput_fps"], 3),
+                "cpu_outside_engine_saving": _cpu_ratio(before[conc], now[conc]),
+            }
+            for conc in now
+        }
+    return ratios
+
+
+def _cpu_ratio(before: Mapping[str, Any], now: Mapping[str, Any]) -> float | None:
+    if "cpu_ms_per_frame" not in before or "cpu_ms_per_frame" not in now:
+        return None
+    return round(before["cpu_ms_per_frame"]["outside_engine"] / max(now["cpu_ms_per_frame"]["outside_engine"], 1e-6), 3)
+
+
 def format_http(report: dict[str, Any]) -> str:
+    """The table `bench http` prints: one row per variant and concurrency, then the ratios."""
     lines = [
-        "variant      conc  thr fps   e2e p50   e2e p99   decode  preproc   infer    rest  batch",
+        "variant       conc  thr fps  e2e p50  e2e p99  decode  infer  ovh p50  ovh mean  unattr  e2e-srv"
+        "  e2e-path  cpu/frame out  batch"
     ]
     for name, variant in report["variants"].items():
         for conc, run in variant["runs"].items():
-            e2e, split = run["end_to_end_ms"], run["stage_mean_ms"]
-            lines.append(
-                f"{name:<12} {conc:>4} {run['throughput_fps']:>8.1f}"
-                f" {e2e.get('p50', 0):>9.2f} {e2e.get('p99', 0):>9.2f} {split['decode'] or 0:>8.2f}"
-                f" {split['preprocess'] or 0:>8.2f} {split['infer'] or 0:>7.2f}"
-                f" {run['rest_mean_ms'] or 0:>7.2f} {run['mean_batch_size'] or 0:>6.2f}"
-            )
-    ratio = report["batching_throughput_ratio"]
-    lines.append(f"throughput at concurrency {ratio['concurrency']}: batching / no batching = {ratio['ratio']:.2f}x")
+            e2e, stage = run["end_to_end_ms"], run["stage_ms"]
+            cpu = run.get("cpu_ms_per_frame", {}).get("outside_engine", float("nan"))
+            overhead = run["service_overhead_ms"]
+            cells = [
+                f"{name:<13} {conc:>4} {run['throughput_fps']:>8.1f}",
+                f"{e2e.get('p50', 0):>8.2f} {e2e.get('p99', 0):>8.2f}",
+                f"{stage['decode'].get('mean', 0):>7.2f} {stage['infer'].get('mean', 0):>6.2f}",
+                f"{overhead.get('p50', 0):>8.2f} {overhead.get('mean', 0):>9.2f}",
+                f"{stage['unattributed'].get('mean', 0):>7.2f} {run['client_minus_server_ms'].get('p50', 0):>8.2f}",
+                f"{run['e2e_minus_engine_path_ms'].get('p50', 0):>9.2f} {cpu:>14.2f}",
+                f"{run['mean_batch_size'] or 0:>6.2f}",
+            ]
+            lines.append(" ".join(cells))
+    engine = report["engine_only"]
+    ratios = report["ratios"]
+    lines.append(
+        f"engine only (same bundle, {engine['threads'] or 'default'} threads): "
+        + ", ".join(f"batch {b}: {fps:.1f} fps" for b, fps in engine["fps"].items())
+    )
+    lines.append(
+        f"at concurrency {ratios['concurrency']}: batching / no batching = {ratios['batching_vs_no_batching']:.2f}x, "
+        f"service / engine only = {ratios['service_vs_engine_only']:.2f}x"
+    )
+    for conc, r in ratios.get("vs_baseline", {}).items():
+        saving = r["cpu_outside_engine_saving"]
+        lines.append(
+            f"vs baseline at concurrency {conc}: e2e p50 {r['e2e_p50_speedup']:.2f}x faster, throughput "
+            f"{r['throughput']:.2f}x, CPU outside the engine {saving if saving is not None else float('nan'):.2f}x less"
+        )
     return "\n".join(lines)
 
 

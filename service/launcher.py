@@ -24,9 +24,17 @@ class ServiceProcess:
     """`python -m endostream serve --bundle B --port P [args]` with `env` on top of this process's environment."""
 
     def __init__(
-        self, bundle: Path, *, env: Mapping[str, str] | None = None, args: Sequence[str] = (), port: int | None = None
+        self,
+        bundle: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        port: int | None = None,
+        cwd: Path | None = None,
     ) -> None:
+        """`cwd`: run the server from another source tree (`python -m` imports from it first), e.g. a baseline."""
         self.bundle = Path(bundle)
+        self.cwd = cwd
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
@@ -40,7 +48,9 @@ class ServiceProcess:
         self.log_path = log_dir / f"serve-{self.port}.log"
         cmd = [sys.executable, "-m", "endostream", "serve", "--bundle", str(self.bundle), "--port", str(self.port)]
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(
+                [*cmd, *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
