@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DecodeMode = Literal["auto", "cpu", "cuda"]
 GPU_BACKENDS = ("torch", "tensorrt")  # engines whose `run` takes a tensor on their device
+JPEG_END = b"\xff\xd9"  # EOI marker
 RESIZE_TOLERANCE = 1  # grey levels between the matrix resize and OpenCV's (OpenCV rounds 11-bit fixed-point weights)
 
 
@@ -131,7 +132,9 @@ class TorchDecoder:
         self._local = threading.local()
 
     def decode(self, data: bytes, *, keep_frame: bool = False) -> Decoded:
-        if keep_frame or not data.startswith(imaging.JPEG_MAGIC):
+        # A JPEG without its end-of-image marker is truncated: libjpeg refuses it (a 400 naming the frame) where
+        # nvJPEG may return a half-grey image, so it takes the CPU path and gets the same answer as everywhere else.
+        if keep_frame or not data.startswith(imaging.JPEG_MAGIC) or not data.rstrip(b"\0").endswith(JPEG_END):
             return self.fallback.decode(data, keep_frame=keep_frame)
         t0 = time.perf_counter()
         width, height = imaging.check_header(data, max_pixels=self.max_pixels)

@@ -74,6 +74,10 @@ def test_torch_decoder_sends_png_bmp_and_kept_frames_to_the_cpu(frames) -> None:
         assert isinstance(decoded.model_input, np.ndarray) and decoded.device == "cpu"
     kept = decoder.decode(encode(frames[0], ".jpg"), keep_frame=True)
     assert kept.frame is not None and kept.frame.shape == frames[0].shape
+    truncated = encode(frames[0], ".jpg")[:-2000]  # no end-of-image marker: libjpeg's answer, not nvJPEG's guess
+    with pytest.raises(BadInput) as err:
+        decoder.decode(truncated)
+    assert err.value.code == "corrupt_image"
     assert calls == []
 
 
