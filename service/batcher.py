@@ -2,7 +2,7 @@
 
 Requests hand over preprocessed frames; the worker takes the oldest, then gathers more until `max_batch` frames or
 `max_queue_delay` after the first one arrived. It waits only while other frames are known to be on their way
-(`expect()` is held by requests still decoding), so a lone stream is never delayed to fill a batch and runs at
+(`announce()`d by requests still decoding), so a lone stream is never delayed to fill a batch and runs at
 batch 1. The queue is bounded: when it is full `submit` fails at once (the route answers 503 + Retry-After) instead
 of letting latency grow without limit.
 """
@@ -101,8 +101,18 @@ class Batcher:
 
     # ----------------------------------------------------------------------------------------------- client
     def announce(self) -> None:
-        """A frame is being decoded: a forming batch may wait (up to the delay) for it. Pair with `arrived`."""
+        """A frame is about to be decoded: a forming batch may wait (up to the delay) for it. Pair with `arrived`.
+
+        Admission happens here, before the frame costs a decode: when the frames already decoding or queued reach
+        `queue_limit`, raises Overloaded at once (503 + Retry-After) instead of decoding a frame that would wait.
+        """
         with self._cond:
+            if self._incoming + len(self._queue) >= self.queue_limit:
+                self._metrics.rejected.labels("queue_full").inc()
+                raise Overloaded(
+                    f"{self._incoming + len(self._queue)} frames are already decoding or waiting for the engine "
+                    f"(ENDOSTREAM_QUEUE_LIMIT={self.queue_limit}); retry shortly or add capacity"
+                )
             self._incoming += 1
 
     def arrived(self) -> None:

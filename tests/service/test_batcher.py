@@ -104,6 +104,27 @@ def test_queue_limit_refuses_at_once() -> None:
         batcher.stop()
 
 
+def test_admission_counts_frames_still_decoding_before_they_cost_a_decode() -> None:
+    engine = SlowEngine(delay=0.3)
+    batcher = _batcher(engine, max_batch=1, queue_limit=3)
+    try:
+        running = batcher.submit(_frame(0))
+        time.sleep(0.05)  # the worker has taken it
+        queued = batcher.submit(_frame(1))
+        batcher.announce()  # two frames decoding, one queued: the limit is reached
+        batcher.announce()
+        with pytest.raises(Overloaded) as refused:
+            batcher.announce()
+        assert "already decoding or waiting" in refused.value.message
+        batcher.arrived()  # one decode finished without a frame (bad input): room for another
+        batcher.announce()
+        batcher.arrived()
+        batcher.arrived()
+        assert [f.result(5).outputs["echo"] for f in (running, queued)] == [0, 1]
+    finally:
+        batcher.stop()
+
+
 def test_engine_error_reaches_every_caller_in_the_batch_and_the_worker_survives() -> None:
     engine = SlowEngine(fail=True)
     batcher = _batcher(engine)
