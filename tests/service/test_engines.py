@@ -421,3 +421,20 @@ def test_frame_tensors_are_checked_like_arrays(endoarss_bundle: Path):
     for bad in (good.float(), good[0], torch.zeros((1, SIZE + 1, SIZE, 3), dtype=torch.uint8), good[:0]):
         with pytest.raises(ValueError, match="frames"):
             check_frame_tensor(bad, bundle)
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_onnxruntime_spin_wait_is_a_setting(endoarss_bundle: Path, spin: bool, monkeypatch: pytest.MonkeyPatch):
+    import onnxruntime
+
+    seen: dict[str, str] = {}
+    real = onnxruntime.SessionOptions
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def add_session_config_entry(self, key: str, value: str) -> None:
+            seen[key] = value
+            super().add_session_config_entry(key, value)
+
+    monkeypatch.setattr(onnxruntime, "SessionOptions", Recording)
+    engine = open_engine(load_bundle(endoarss_bundle), "onnxruntime", EngineOptions(device="cpu", spin_wait=spin))
+    assert seen["session.intra_op.allow_spinning"] == ("1" if spin else "0") and engine.spin_wait is spin

@@ -38,6 +38,7 @@ def test_health_ready_and_model(server) -> None:
     model = httpx.get(f"{server.url}/model").json()
     assert model["manifest"]["tasks"][0]["name"] == "activity"
     assert model["engine"]["backend"] == "onnxruntime"
+    assert model["engine"]["decoder"] == "cpu" and model["engine"]["onnxruntime_spin_wait"] is False
     assert model["ready"] is True
 
 
