@@ -136,7 +136,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, metrics=state.metrics)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_upload_bytes,
+        metrics=state.metrics,
+        read_timeout_s=settings.body_read_timeout_s,
+        inflight_limit=max(settings.max_inflight_body_bytes, settings.max_upload_bytes),
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

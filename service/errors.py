@@ -34,6 +34,12 @@ class PayloadTooLarge(ServiceError):
     status = 413
 
 
+class RequestTimeout(ServiceError):
+    """The request body did not arrive in time (408)."""
+
+    status = 408
+
+
 class UnsupportedMediaType(ServiceError):
     status = 415
 

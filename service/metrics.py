@@ -20,6 +20,9 @@ LATENCY_BUCKETS = tuple(
     )
 )
 AGE_BUCKETS = tuple(sorted(set(LATENCY_BUCKETS) | {0.0833, 0.2, 0.3}))
+REJECT_REASONS = (
+    "queue_full", "too_large", "body_timeout", "bodies_in_flight", "bad_input", "unauthorized", "forbidden_source"
+)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
@@ -57,7 +60,7 @@ class ServiceMetrics:
         self.queue_depth = Gauge("endostream_queue_depth", "Frames waiting for the engine.", registry=r)
         self.rejected = Counter(
             "endostream_rejected_total",
-            "Requests or frames refused, by reason (queue_full, too_large, bad_input, unauthorized, forbidden_source).",
+            f"Requests or frames refused, by reason ({', '.join(REJECT_REASONS)}).",
             ["reason"],
             registry=r,
         )
@@ -107,7 +110,7 @@ class ServiceMetrics:
             for outcome in ("processed", "dropped", "failed"):
                 self.frames.labels(outcome, source)
             self.dropped.labels("stale", source)
-        for reason in ("queue_full", "too_large", "bad_input", "unauthorized", "forbidden_source"):
+        for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
     def forget_stream(self, stream: str) -> None:

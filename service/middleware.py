@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -9,7 +10,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
 from service.metrics import ServiceMetrics
 
 
@@ -72,27 +73,56 @@ class MetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `limit` bytes: at once from Content-Length, or mid-stream for chunked uploads."""
+    """Bound what request bodies may hold: size, time, and memory across all requests.
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: ServiceMetrics) -> None:
+    - Over `limit` bytes: 413, at once from Content-Length, or mid-stream for chunked uploads.
+    - Not complete within `read_timeout_s` of the request's start: 408 (a client that declares 1,000 bytes and
+      sends 10 would otherwise hold its buffer and a slot forever).
+    - More than `inflight_limit` bytes of bodies held at once, across requests (declared lengths are reserved
+      up front, chunked bodies as they arrive, all released when the request ends): 503 + Retry-After, so 40 slow
+      uploads cannot grow the process by their sum.
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, metrics: ServiceMetrics, *, read_timeout_s: float, inflight_limit: int
+    ) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
+        self.read_timeout_s = read_timeout_s
+        self.inflight_limit = inflight_limit
+        self.inflight = 0  # bytes reserved by requests in progress (one event loop: no lock needed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send, int(declared))
+        declared_header = headers.get(b"content-length")
+        declared = int(declared_header) if declared_header is not None and declared_header.isdigit() else None
+        if declared is not None and declared > self.limit:
+            await self._refuse(send, declared)
             return
+        reserved = declared or 0
+        if reserved and self.inflight + reserved > self.inflight_limit:
+            await self._busy(send)
+            return
+        self.inflight += reserved
         seen = 0
+        deadline = time.monotonic() + self.read_timeout_s
 
         async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, reserved
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                self.metrics.rejected.labels("body_timeout").inc()
+                raise RequestTimeout(
+                    "body_timeout",
+                    f"the body did not arrive within {self.read_timeout_s:g} s ({seen} bytes came; "
+                    f"ENDOSTREAM_BODY_READ_TIMEOUT_S)",
+                    param="body",
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -103,9 +133,19 @@ class BodyLimitMiddleware:
                         param="body",
                         value=seen,
                     )
+                if seen > reserved:  # chunked, or more than declared: reserve what arrived
+                    grow = seen - reserved
+                    if self.inflight + grow > self.inflight_limit:
+                        self.metrics.rejected.labels("bodies_in_flight").inc()
+                        raise Overloaded(_busy_message(self.inflight_limit))
+                    self.inflight += grow
+                    reserved = seen
             return message
 
-        await self.app(scope, counting_receive, send)
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            self.inflight -= reserved
 
     async def _refuse(self, send: Send, size: int) -> None:
         self.metrics.rejected.labels("too_large").inc()
@@ -115,7 +155,20 @@ class BodyLimitMiddleware:
             param="body",
             value=size,
         )
-        body = json.dumps(error.body()).encode()
-        headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, error, 413)
+
+    async def _busy(self, send: Send) -> None:
+        self.metrics.rejected.labels("bodies_in_flight").inc()
+        error = Overloaded(_busy_message(self.inflight_limit))
+        await _send_error(send, error, 503, [(b"retry-after", str(error.retry_after).encode())])
+
+
+def _busy_message(limit: int) -> str:
+    return f"request bodies already in flight hold {limit} bytes (ENDOSTREAM_MAX_INFLIGHT_BODY_BYTES); retry shortly"
+
+
+async def _send_error(send: Send, error: ServiceError, status: int, extra: list[Any] | None = None) -> None:
+    body = json.dumps(error.body()).encode()
+    headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")
     queue_limit: int = Field(64, ge=1, description="frames waiting for the engine before 503")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this (408)")
+    max_inflight_body_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024, description="request bodies held at once, all requests together (503 beyond)"
+    )
     max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="width x height limit of a decoded frame")
     max_frames_per_request: int = Field(64, ge=1, description="multipart parts per /infer request")
     stream_allowlist: Annotated[list[str], NoDecode] = Field(

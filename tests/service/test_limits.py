@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +115,63 @@ def test_websocket_needs_the_token(guarded, frames) -> None:
 
     assert asyncio.run(refused()) in (1008, 403)
     assert asyncio.run(accepted())["activity"]["label"]
+
+
+@pytest.fixture(scope="module")
+def strict(endoarss_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {
+        "ENDOSTREAM_MAX_UPLOAD_BYTES": "600000",
+        "ENDOSTREAM_BODY_READ_TIMEOUT_S": "1",
+        "ENDOSTREAM_MAX_INFLIGHT_BODY_BYTES": "1000000",
+    }
+    proc = ServerProcess(endoarss_bundle, env=env).start(tmp_path_factory.mktemp("strict"))
+    yield proc
+    proc.stop()
+
+
+def _slow_upload(server: ServerProcess, declared: int, sent: bytes) -> socket.socket:
+    """A connection that declares `declared` body bytes and sends only `sent`, then waits."""
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = f"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {declared}\r\n\r\n"
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def _status(sock: socket.socket) -> tuple[int, str]:
+    """The status and the whole response (head and its Content-Length of body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    reply = (head + b"\r\n\r\n" + body).decode(errors="replace")
+    return int(reply.split(" ", 2)[1]), reply
+
+
+def test_a_body_that_never_arrives_gets_408(strict) -> None:
+    started = time.monotonic()
+    sock = _slow_upload(strict, 1000, b"x" * 10)
+    status, reply = _status(sock)
+    sock.close()
+    assert status == 408 and "ENDOSTREAM_BODY_READ_TIMEOUT_S" in reply
+    assert time.monotonic() - started < 5
+
+
+def test_bodies_in_flight_are_bounded_across_requests(strict, frames) -> None:
+    holders = [_slow_upload(strict, 500_000, b"x" * 1000) for _ in range(2)]  # reserve 1,000,000 bytes together
+    time.sleep(0.2)
+    started = time.monotonic()
+    refused = httpx.post(f"{strict.url}/infer", content=b"y" * 200_000, headers={"content-type": "image/jpeg"})
+    assert refused.status_code == 503 and time.monotonic() - started < 0.5
+    assert refused.headers["retry-after"] == "1"
+    assert "ENDOSTREAM_MAX_INFLIGHT_BODY_BYTES" in refused.json()["error"]["message"]
+    assert [_status(sock)[0] for sock in holders] == [408, 408]  # the slow ones time out and give their share back
+    for sock in holders:
+        sock.close()
+    data = encode(frames[0])
+    assert httpx.post(f"{strict.url}/infer", content=data, headers={"content-type": "image/jpeg"}).status_code == 200
