@@ -75,6 +75,7 @@ def build_state(settings: Settings) -> AppState:
         max_batch=settings.max_batch,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         queue_limit=settings.queue_limit,
+        max_queue_wait_s=settings.max_queue_wait_ms / 1000 if settings.max_queue_wait_ms else None,
         metrics=metrics,
         warm_up=warm,
     )

@@ -58,6 +58,7 @@ class Batcher:
         max_queue_delay_s: float,
         queue_limit: int,
         metrics: ServiceMetrics,
+        max_queue_wait_s: float | None = None,
         warm_up: Callable[[Engine], None] | None = None,
     ) -> None:
         self._open_engine = open_engine
@@ -65,6 +66,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_queue_delay_s = max_queue_delay_s
         self.queue_limit = queue_limit
+        self.max_queue_wait_s = max_queue_wait_s
         self._metrics = metrics
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
@@ -104,7 +106,8 @@ class Batcher:
         """A frame is about to be decoded: a forming batch may wait (up to the delay) for it. Pair with `arrived`.
 
         Admission happens here, before the frame costs a decode: when the frames already decoding or queued reach
-        `queue_limit`, raises Overloaded at once (503 + Retry-After) instead of decoding a frame that would wait.
+        `queue_limit`, or the oldest queued frame has waited over `max_queue_wait_s`, raises Overloaded at once
+        (503 + Retry-After) instead of decoding a frame that would wait.
         """
         with self._cond:
             if self._incoming + len(self._queue) >= self.queue_limit:
@@ -112,6 +115,15 @@ class Batcher:
                 raise Overloaded(
                     f"{self._incoming + len(self._queue)} frames are already decoding or waiting for the engine "
                     f"(ENDOSTREAM_QUEUE_LIMIT={self.queue_limit}); retry shortly or add capacity"
+                )
+            waited = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
+            if self.max_queue_wait_s is not None and waited > self.max_queue_wait_s:
+                # the engine is behind: a new frame would wait at least this long too, so it is refused while it
+                # is cheap, and the frames already accepted keep their latency
+                self._metrics.rejected.labels("queue_full").inc()
+                raise Overloaded(
+                    f"the oldest frame has waited {waited * 1000:.0f} ms for the engine (ENDOSTREAM_MAX_QUEUE_WAIT_MS="
+                    f"{self.max_queue_wait_s * 1000:g}); retry shortly or add capacity"
                 )
             self._incoming += 1
 

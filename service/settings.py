@@ -40,7 +40,10 @@ class Settings(BaseSettings):
     engine_cache: Path | None = Field(None, description="folder for TensorRT engines (default: the bundle)")
     max_batch: int = Field(8, ge=1, le=256, description="largest dynamic batch; 1 disables batching")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")
-    queue_limit: int = Field(64, ge=1, description="frames waiting for the engine before 503")
+    queue_limit: int = Field(64, ge=1, description="frames decoding or waiting for the engine before 503")
+    max_queue_wait_ms: float | None = Field(
+        100.0, gt=0, description="503 while the oldest queued frame has waited longer than this (None: no limit)"
+    )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     body_read_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this (408)")
     max_inflight_body_bytes: int = Field(

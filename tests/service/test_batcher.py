@@ -125,6 +125,26 @@ def test_admission_counts_frames_still_decoding_before_they_cost_a_decode() -> N
         batcher.stop()
 
 
+def test_a_queue_that_has_waited_too_long_refuses_new_frames() -> None:
+    engine = SlowEngine(delay=0.3)
+    batcher = _batcher(engine, max_batch=1, max_queue_wait_s=0.05)
+    try:
+        running = batcher.submit(_frame(0))
+        time.sleep(0.05)  # the worker is busy with it for 0.3 s
+        queued = batcher.submit(_frame(1))
+        batcher.announce()  # the queue is fresh: admitted
+        batcher.arrived()
+        time.sleep(0.1)
+        with pytest.raises(Overloaded) as refused:
+            batcher.announce()
+        assert "ENDOSTREAM_MAX_QUEUE_WAIT_MS=50" in refused.value.message
+        assert [f.result(5).outputs["echo"] for f in (running, queued)] == [0, 1]
+        batcher.announce()  # drained: admitted again
+        batcher.arrived()
+    finally:
+        batcher.stop()
+
+
 def test_engine_error_reaches_every_caller_in_the_batch_and_the_worker_survives() -> None:
     engine = SlowEngine(fail=True)
     batcher = _batcher(engine)
