@@ -310,6 +310,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--threads", type=int, default=0)
     stream.add_argument("--json", type=Path, required=True, help="where the results go")
     stream.set_defaults(func=_run_bench_stream)
+    overload = bench_sub.add_parser(
+        "overload", help="frames offered at a multiple of capacity: accepted latency, 503s, memory"
+    )
+    overload.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the demo bundle)")
+    overload.add_argument("--factor", type=float, default=3.0, help="offered rate / measured capacity (default 3)")
+    overload.add_argument("--seconds", type=float, default=60.0, help="how long the overload lasts (default 60)")
+    overload.add_argument("--size", default="1920x1080", help="generated JPEG frame size WxH (default 1920x1080)")
+    overload.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated frames")
+    overload.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment (repeatable)"
+    )
+    overload.add_argument("--json", type=Path, required=True, help="where the results go")
+    overload.set_defaults(func=_run_bench_overload)
     training = bench_sub.add_parser("train", help="training cost of BDTA + MoTE vs LoRA + TESLA on the same backbone")
     training.add_argument(
         "--config", "--bdta-config", dest="bdta_config", default="bdta_vits14", help="BDTA config (default bdta_vits14)"
@@ -395,6 +408,20 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
             raise ValueError(f"{flag} {item!r} is not KEY=VALUE (e.g. ENDOSTREAM_ORT_SPIN_WAIT=1)")
         pairs[key.strip()] = value.strip()
     return pairs
+
+
+def _run_bench_overload(args: argparse.Namespace) -> int:
+    from service.bench_overload import bench_overload, format_overload
+
+    report = bench_overload(
+        _bench_bundle(args.bundle),
+        _bench_frames(args.size, args.quality),
+        factor=args.factor,
+        seconds=args.seconds,
+        env=_key_values(args.env, "--env"),
+    )
+    _write_report(args.json, report, format_overload(report))
+    return 0
 
 
 def _run_bench_stream(args: argparse.Namespace) -> int:

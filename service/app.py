@@ -21,7 +21,12 @@ from service.engines import open_engine, warm_up
 from service.engines.base import Engine, EngineOptions
 from service.errors import ServiceError
 from service.metrics import ServiceMetrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from service.middleware import (
+    BodyLimitMiddleware,
+    FrameAdmissionMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+)
 from service.routes import frames, health, streams, viewer, websocket
 from service.serving import InferenceService
 from service.settings import Settings
@@ -144,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         read_timeout_s=settings.body_read_timeout_s,
         inflight_limit=max(settings.max_inflight_body_bytes, settings.max_upload_bytes),
     )
+    app.add_middleware(FrameAdmissionMiddleware, limit=settings.max_concurrent_requests, metrics=state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -163,6 +163,48 @@ class BodyLimitMiddleware:
         await _send_error(send, error, 503, [(b"retry-after", str(error.retry_after).encode())])
 
 
+class FrameAdmissionMiddleware:
+    """At most `limit` frame requests (POST with an image or multipart body) in progress; beyond it, 503 +
+    Retry-After at once, before a byte of the body is read.
+
+    Under overload the requests that cannot be served must be refused at the door: once admitted, a request's body
+    is read by the event loop alongside every other admitted body, so admitting more than the engine can take only
+    spreads the loop over more bodies and makes every frame late (the queue-based admission behind it never sees
+    frames that are still arriving). NDJSON stream requests are long-lived and capped by ENDOSTREAM_MAX_STREAMS.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or _content_type(scope) == b"application/json":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            error = Overloaded(
+                f"{self.active} frame requests are in progress (ENDOSTREAM_MAX_CONCURRENT_REQUESTS={self.limit}); "
+                f"retry shortly or add capacity"
+            )
+            await _send_error(send, error, 503, [(b"retry-after", str(error.retry_after).encode())])
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+def _content_type(scope: Scope) -> bytes:
+    for key, value in scope.get("headers") or ():
+        if key == b"content-type":
+            return value.split(b";")[0].strip().lower()
+    return b""
+
+
 def _busy_message(limit: int) -> str:
     return f"request bodies already in flight hold {limit} bytes (ENDOSTREAM_MAX_INFLIGHT_BODY_BYTES); retry shortly"
 

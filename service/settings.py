@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1, le=256, description="largest dynamic batch; 1 disables batching")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")
     queue_limit: int = Field(64, ge=1, description="frames decoding or waiting for the engine before 503")
+    max_concurrent_requests: int = Field(
+        16, ge=1, description="frame requests in progress at once; beyond it 503 before the body is read"
+    )
     max_queue_wait_ms: float | None = Field(
         100.0, gt=0, description="503 while the oldest queued frame has waited longer than this (None: no limit)"
     )
