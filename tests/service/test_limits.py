@@ -36,6 +36,7 @@ def guarded(slow_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "ENDOSTREAM_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         "ENDOSTREAM_QUEUE_LIMIT": "1",
         "ENDOSTREAM_MAX_BATCH": "1",
+        "ENDOSTREAM_MAX_CONCURRENT_REQUESTS": "64",  # the burst below must reach the engine queue's own limit
     }
     proc = ServerProcess(slow_bundle, env=env).start(tmp_path_factory.mktemp("guarded"))
     yield proc
