@@ -113,7 +113,7 @@ class ResultBuilder:
         mask = None
         if options.mask != "none" or options.overlay is not None:
             mask = imaging.resize_mask(small, frame_height, frame_width) if at_frame else small
-        height, width = mask.shape if mask is not None else small.shape
+        height, width = (frame_height, frame_width) if at_frame else small.shape
         result = {
             "task": seg.name,
             "height": int(height),
