@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.bench import _drive, _machine, _percentiles
+from service.bench_client import RawConnection, post_request
 from service.launcher import ServiceProcess
 
 
@@ -27,46 +28,16 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-class _RawConnection:
-    """One keep-alive HTTP/1.1 connection that sends prebuilt requests: a load generator that costs the box
-    microseconds per frame (httpx's pure-Python h11 costs milliseconds for a 1080p body, enough to make the client,
-    not the server, the bottleneck on a 2-core machine)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> _RawConnection:
-        return cls(*await asyncio.open_connection(host, port))
-
-    async def request(self, raw: bytes) -> tuple[int, dict[str, str]]:
-        self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-        await self.reader.readexactly(int(headers.get("content-length", "0")))
-        return int(lines[0].split(" ", 2)[1]), headers
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _post_bytes(body: bytes) -> bytes:
-    head = f"POST /infer HTTP/1.1\r\nHost: bench\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
-
-
 async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: float, max_open: int) -> dict[str, Any]:
     """`rate` frames per second for `seconds`, each sent at its time on an idle keep-alive connection (a new one when
     none is idle, up to `max_open`); a frame due while `max_open` connections are all busy is counted, not sent."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    requests = [_post_bytes(f) for f in frames]
+    requests = [post_request(f) for f in frames]
     accepted: list[float] = []
     refused: list[float] = []
     statuses: dict[str, int] = {}
     retry_after = 0
     client_dropped = 0
-    idle: list[_RawConnection] = []
+    idle: list[RawConnection] = []
     open_count = 0
 
     async def one(raw: bytes) -> None:
@@ -75,9 +46,9 @@ async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: fl
         conn = idle.pop() if idle else None
         if conn is None:
             open_count += 1
-            conn = await _RawConnection.open(host, int(port))
+            conn = await RawConnection.open(url)
         try:
-            status, headers = await conn.request(raw)
+            status, headers, _ = await conn.request(raw)
         except (ConnectionError, asyncio.IncompleteReadError):
             statuses["connection_error"] = statuses.get("connection_error", 0) + 1
             open_count -= 1

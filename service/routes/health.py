@@ -68,6 +68,6 @@ async def model(state: State) -> dict[str, Any]:
 @router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
 async def metrics(request: Request, state: State) -> Response:
     if not state.settings.metrics_public:
-        require_token(request)
+        await require_token(request)
     state.streams_api.refresh_gauges()
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
