@@ -197,6 +197,7 @@ class Trainer:
             beta=cfg.train.dbmtl_beta,
             mu=cfg.train.stch_mu,
             warmup_epochs=cfg.train.stch_warmup_epochs,
+            task_weights=cfg.train.task_weights,
             grad_sync=(lambda grads: average_tensors(grads, ctx)) if ctx.enabled else None,
         )
         self.start_epoch = 0
