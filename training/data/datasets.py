@@ -183,6 +183,17 @@ class _CachedDataset(abc.ABC):
         sample: Sample = {"image": image, "mask": mask, "activity": activity, "name": name}
         return self.transform(sample) if self.transform is not None else sample
 
+    def keep_evenly_spaced(self, limit: int) -> None:
+        """Keep `limit` samples at evenly spaced positions (samples are grouped by activity, so every activity keeps
+        its share); must be called before any sample is read."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"data.limit={limit!r} must be a positive number of frames (or null for all)")
+        if self._cache:
+            raise RuntimeError("keep_evenly_spaced() after samples were read would mix cached indices; call it first")
+        if limit < len(self.samples):
+            positions = np.linspace(0, len(self.samples) - 1, limit).round().astype(int)
+            self.samples = [self.samples[i] for i in positions]
+
     @property
     def activities(self) -> list[int]:
         """Activity label of every sample (for class counts or stratified sampling)."""
@@ -461,12 +472,24 @@ ENDOVIS18_ACTIVITY_FILES = ("activities.csv", "activities.json")
 def open_dataset_at(root: Path | str, cfg: DataConfig, split: str) -> EndoARSSFolder | EndoVis18:
     """The dataset of `split` under `root` in the format `cfg.format`.
 
-    `endoarss`: `root/<split>/...` with `root/labels.json`. `endovis18`: `root/splits.json` maps split names to
+    `data.limit` keeps that many evenly spaced frames (`keep_evenly_spaced`). `endoarss`: `root/<split>/...` with
+    `root/labels.json`, masks shifted by `data.mask_offset`. `endovis18`: `root/splits.json` maps split names to
     sequence lists (`{"train": [1, 2, ...], "val": [...]}`) and `root/activities.csv` (or `.json`) holds the labels.
     """
-    root = Path(root)
+    dataset = _open_format(Path(root), cfg, split)
+    if cfg.limit is not None:
+        dataset.keep_evenly_spaced(cfg.limit)
+    return dataset
+
+
+def _open_format(root: Path, cfg: DataConfig, split: str) -> EndoARSSFolder | EndoVis18:
     if cfg.format == "endoarss":
-        return EndoARSSFolder(root, split, cache=cfg.cache)
+        return EndoARSSFolder(root, split, cache=cfg.cache, mask_offset=cfg.mask_offset)
+    if cfg.mask_offset:
+        raise ValueError(
+            f"data.mask_offset={cfg.mask_offset} applies to index masks (data.format=endoarss); EndoVis-18 colour "
+            "masks are mapped by colour, so set data.mask_offset=0"
+        )
     if cfg.format == "endovis18":
         splits_path = root / ENDOVIS18_SPLITS_FILE
         if not splits_path.is_file():
