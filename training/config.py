@@ -285,6 +285,9 @@ class TrainConfig:
     weighting: Literal["ew", "weighted", "dbmtl", "stch"] = field(
         default="ew", metadata={"help": "ew: sum of losses; weighted: TA-LoRA eq. 6, sum_t w_t L_t / sum_t w_t"}
     )
+    tasks: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "train only these tasks, one head each (a single-task baseline); None = all"}
+    )
     task_weights: dict[str, float] | None = field(
         default=None, metadata={"help": "w_t per task for `weighted` (missing tasks: 1; None = all 1, the mean)"}
     )

@@ -46,7 +46,7 @@ def test_base_inheritance_and_round_trip(tmp_path: Path):
 
 
 def test_defaults_follow_the_papers():
-    """No paper clips gradients; TA-LoRA uses eq. 5 (squared norms) and the §4.1 ranks; the TA-LoRA configs use eq. 6."""
+    """No paper clips gradients; TA-LoRA uses eq. 5 (squared norms), the §4.1 ranks, and eq. 6 in its configs."""
     cfg = load_config("tiny")
     assert cfg.optim.grad_clip is None
     assert cfg.model.adapters.orth_penalty == "squared"

@@ -259,7 +259,7 @@ def test_build_weighting_rejects_unknown_name_and_bad_losses():
 
 
 def test_dbmtl_ema_starts_at_zero_as_in_libmtl():
-    """LibMTL's grad_buffer starts at zeros: the first shared gradient is (1 - beta) of the balanced sum, not all of it."""
+    """LibMTL's grad_buffer starts at zeros: the first shared gradient is (1 - beta) of the balanced sum."""
     model, reference = TwoTask(), TwoTask()
     x = torch.randn(4, 3)
     DBMTL(TASKS, beta=0.75).backward(model.losses(x), model.shared_params(), epoch=0)
