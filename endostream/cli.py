@@ -82,10 +82,36 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--markdown", type=Path, help="write a markdown table here")
     ev.add_argument("--baseline", type=Path, help="result JSON to compute Δm against")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--limit", type=int, help="score only this many evenly spaced frames of the split")
+    ev.add_argument(
+        "--corruptions",
+        help="robustness: all, a family (noise, blur, weather, digital) or comma-separated ImageNet-C names; "
+        "scores every corrupted version of the split instead of the plain evaluation",
+    )
+    ev.add_argument("--severities", default="1-5", help="robustness severities, e.g. 1-5 or 1,3,5 (default 1-5)")
+    ev.add_argument("--seed", type=int, default=0, help="robustness: base seed of the corruptions (default 0)")
+    ev.add_argument(
+        "--out", type=Path, help="robustness: folder for robustness.{json,md,png} (default: RUN/robustness_SPLIT)"
+    )
     ev.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.corruptions is not None:
+        from training.robustness import parse_corruptions, parse_severities, run_robustness
+
+        run_robustness(
+            args.checkpoint,
+            args.data,
+            args.out or args.checkpoint.parent / f"robustness_{args.split}",
+            split=args.split,
+            corruptions=parse_corruptions(args.corruptions),
+            severities=parse_severities(args.severities),
+            limit=args.limit,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        return 0
     from training.evaluate import run_evaluation
 
     run_evaluation(
@@ -96,6 +122,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         markdown_out=args.markdown,
         baseline=args.baseline,
         batch_size=args.batch_size,
+        limit=args.limit,
     )
     return 0
 

@@ -106,12 +106,19 @@ def run_evaluation(
     markdown_out: Path | None = None,
     baseline: Path | None = None,
     batch_size: int = 32,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """`endostream eval`: load a checkpoint directory, score it on `data/split`, write JSON / markdown."""
+    """`endostream eval`: load a checkpoint directory, score it on `data/split`, write JSON / markdown.
+
+    Args:
+        limit: score this many evenly spaced frames of the split (None: the checkpoint's `data.limit`, usually all).
+    """
     from training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
+    if limit is not None:
+        cfg.data.limit = limit
     dataset = TaskDataset(
         open_dataset_at(data, cfg.data, split), build_eval_transform(tuple(cfg.model.image_size)), seed=0
     )
