@@ -330,12 +330,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--threads", type=int, default=0)
     stream.add_argument("--json", type=Path, required=True, help="where the results go")
     stream.set_defaults(func=_run_bench_stream)
-    training = bench_sub.add_parser("train", help="training cost of BDTA + MoTE vs LoRA + TESLA on the same backbone")
+    training = bench_sub.add_parser(
+        "train", help="training cost of BDTA + MoTE vs a one-stream LoRA baseline on the same frozen backbone"
+    )
     training.add_argument(
         "--config", "--bdta-config", dest="bdta_config", default="bdta_vits14", help="BDTA config (default bdta_vits14)"
     )
     training.add_argument(
-        "--vs", "--lora-config", dest="lora_config", default="endoarss_vits14", help="LoRA config (endoarss family)"
+        "--vs",
+        "--lora-config",
+        dest="lora_config",
+        default="endoarss_vits14",
+        help="LoRA baseline config (endoarss family; its shared LoRA is used, TESLA off, BDTA's heads and weighting)",
     )
     training.add_argument("--batch-size", type=int, default=8)
     training.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")

@@ -65,6 +65,9 @@ class HeadsConfig:
     activity_channels: int = 256
     dropout: float = 0.1
     activity_pool: Literal["avg", "max", "avgmax"] = "avg"
+    input_dim: int | None = field(
+        default=None, metadata={"help": "1x1 conv from the feature width to this width before each head (None: off)"}
+    )
 
 
 @dataclass
