@@ -21,7 +21,7 @@ from training.data.datasets import open_dataset_at
 from training.data.transforms import TaskDataset, build_eval_transform, collate
 from training.metrics import ClassificationMeter, SegmentationMeter
 from training.models.endoarss import EndoARSS
-from training.report import delta_m, evaluation_result, load_result, markdown_table, same_baseline
+from training.report import METRIC_LEGEND, delta_m, evaluation_result, load_result, markdown_table, same_baseline
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,6 @@ def run_evaluation(
         json_out.write_text(json.dumps(result, indent=2))
     table = markdown_table([(f"{checkpoint} ({split})", result)])
     if markdown_out is not None:
-        markdown_out.write_text(table + "\n")
+        markdown_out.write_text(table + "\n\n" + "\n".join(METRIC_LEGEND) + "\n")
     logger.info("\n%s", table)
     return result

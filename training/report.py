@@ -39,6 +39,22 @@ TABLE_COLUMNS: tuple[tuple[str, str, str, float], ...] = (
     ("SSIM (%)", "segmentation", "ssim", 100.0),
 )
 
+# One line per metric, printed under the tables of `endostream eval --markdown` (and the demo's eval.md).
+METRIC_LEGEND: tuple[str, ...] = (
+    "- Acc: share of frames whose predicted activity is the labelled one.",
+    "- F1: macro F1 over the activity classes that occur in the labels or the predictions (scikit-learn's).",
+    "- mIoU: mean over classes, background included, of TP / (TP + FP + FN) from one confusion matrix over the split.",
+    "- Dice: mean over classes, background included, of 2 TP / (2 TP + FP + FN) from the same matrix.",
+    "- HD95: 95th percentile of the distances (px) between the predicted and true boundary of each class, per image, "
+    "then averaged (a class in only one of the two maps scores the image diagonal). Reported instead of the maximum "
+    "Hausdorff distance because one stray pixel sets the maximum; the paper's code measures a Hausdorff distance "
+    "between label-map rows, not boundaries, which the JSON keeps as `hd_rows_paper_code` for comparison only.",
+    "- SSIM: structural similarity of the one-hot target and the class probability map, per class, averaged over the "
+    "images where the class occurs in the target or the prediction (absent-from-both classes would score 1).",
+    "- Δm: relative change against single-task baselines, averaged within each task, then over tasks; HD95 counts "
+    "with the sign flipped (lower is better).",
+)
+
 _REQUIRED = {"activity": ("accuracy", "f1_macro"), "segmentation": ("miou", "dice", "hd95", "ssim")}
 
 
