@@ -261,6 +261,10 @@ class DataConfig:
         default=0,
         metadata={"help": "endoarss format: subtracted from non-zero mask values (1 = raw MTLESD masks, as the code)"},
     )
+    endovis18_segmentation: Literal["instrument", "scene"] = field(
+        default="instrument",
+        metadata={"help": "endovis18 format: 7 instrument types + background (MTLEndovis) or the 12 scene classes"},
+    )
     limit: int | None = field(
         default=None, metadata={"help": "use the first N frames of each split only (small CPU runs; None = all)"}
     )
