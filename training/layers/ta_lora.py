@@ -158,14 +158,14 @@ def _gram_gap(matrices: Tensor, penalty: OrthPenalty) -> Tensor:
     return gap.square().sum(dim=(-2, -1)) if penalty == "squared" else torch.linalg.matrix_norm(gap)
 
 
-def orthogonality_terms(layer: AdapterLinear, penalty: OrthPenalty = "norm") -> Tensor:
+def orthogonality_terms(layer: AdapterLinear, penalty: OrthPenalty = "squared") -> Tensor:
     """One layer's gaps in fp32: [U1, U2, G_1, ..., G_R3] (2 + R3), as norms or squared norms (`penalty`)."""
     u1, u2, core = (getattr(layer, name).float() for name in ("ta_lora_U1", "ta_lora_U2", "ta_lora_G"))
     slices = core.permute(2, 0, 1)  # R3 R1 R2: G_v = G[:, :, v]
     return torch.cat([_gram_gap(u1, penalty).reshape(1), _gram_gap(u2, penalty).reshape(1), _gram_gap(slices, penalty)])
 
 
-def orthogonal_regularization(layers: Iterable[AdapterLinear], penalty: OrthPenalty = "norm") -> Tensor:
+def orthogonal_regularization(layers: Iterable[AdapterLinear], penalty: OrthPenalty = "squared") -> Tensor:
     """The regulariser without lambda (module docstring): "norm" the mean of every gap over slices and layers,
     "squared" the per-layer sum of squared gaps (eq. 5) averaged over layers; a zero tensor for no layers."""
     if penalty not in get_args(OrthPenalty):
