@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml
 	# torch first: the pinned CPU wheel satisfies the `train` extra, so nothing pulls CUDA builds.
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[train,export,serve,dev]"
+	# the ImageNet-C corruptions without their opencv-python pin (pyproject.toml says why)
+	$(PIP) install -q --no-deps "imagecorruptions-imaug>=1.1.5"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -82,10 +82,36 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--markdown", type=Path, help="write a markdown table here")
     ev.add_argument("--baseline", type=Path, help="result JSON to compute Δm against")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--limit", type=int, help="score only this many evenly spaced frames of the split")
+    ev.add_argument(
+        "--corruptions",
+        help="robustness: all, a family (noise, blur, weather, digital) or comma-separated ImageNet-C names; "
+        "scores every corrupted version of the split instead of the plain evaluation",
+    )
+    ev.add_argument("--severities", default="1-5", help="robustness severities, e.g. 1-5 or 1,3,5 (default 1-5)")
+    ev.add_argument("--seed", type=int, default=0, help="robustness: base seed of the corruptions (default 0)")
+    ev.add_argument(
+        "--out", type=Path, help="robustness: folder for robustness.{json,md,png} (default: RUN/robustness_SPLIT)"
+    )
     ev.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.corruptions is not None:
+        from training.robustness import parse_corruptions, parse_severities, run_robustness
+
+        run_robustness(
+            args.checkpoint,
+            args.data,
+            args.out or args.checkpoint.parent / f"robustness_{args.split}",
+            split=args.split,
+            corruptions=parse_corruptions(args.corruptions),
+            severities=parse_severities(args.severities),
+            limit=args.limit,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        return 0
     from training.evaluate import run_evaluation
 
     run_evaluation(
@@ -96,17 +122,26 @@ def _run_eval(args: argparse.Namespace) -> int:
         markdown_out=args.markdown,
         baseline=args.baseline,
         batch_size=args.batch_size,
+        limit=args.limit,
     )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------ ablation
 def _add_ablate(sub: argparse._SubParsersAction) -> None:
-    ab = sub.add_parser("ablate", help="Table V-style ablation: backbone only / +TESLA / +SMA / all")
+    ab = sub.add_parser(
+        "ablate", help="Table V-style ablation: backbone only / +TESLA / +SMA / all, single-task rows, Δm, seeds"
+    )
     ab.add_argument("--config", default="tiny", help="config shared by every row (default: tiny)")
     ab.add_argument("--data", type=Path, required=True, help="dataset folder")
     ab.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per row goes here")
     ab.add_argument("--split", default="test", help="split the rows are scored on (default: test)")
+    ab.add_argument("--seeds", type=int, default=1, help="runs per row (train.seed, +1, ...); mean ± std reported")
+    ab.add_argument(
+        "--rows",
+        help="comma-separated rows to run, by folder name: backbone_only, tesla, sma, all_endoarss, "
+        "single_task_<task> (default: all)",
+    )
     ab.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     ab.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every row, e.g. train.epochs=5")
     ab.set_defaults(func=_run_ablate)
@@ -122,6 +157,8 @@ def _run_ablate(args: argparse.Namespace) -> int:
         overrides=list(args.overrides),
         split=args.split,
         progress=not args.no_progress,
+        seeds=args.seeds,
+        rows=[r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None,
     )
     return 0
 
@@ -323,12 +360,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     overload.add_argument("--json", type=Path, required=True, help="where the results go")
     overload.set_defaults(func=_run_bench_overload)
-    training = bench_sub.add_parser("train", help="training cost of BDTA + MoTE vs LoRA + TESLA on the same backbone")
+    training = bench_sub.add_parser(
+        "train", help="training cost of BDTA + MoTE vs a one-stream LoRA baseline on the same frozen backbone"
+    )
     training.add_argument(
         "--config", "--bdta-config", dest="bdta_config", default="bdta_vits14", help="BDTA config (default bdta_vits14)"
     )
     training.add_argument(
-        "--vs", "--lora-config", dest="lora_config", default="endoarss_vits14", help="LoRA config (endoarss family)"
+        "--vs",
+        "--lora-config",
+        dest="lora_config",
+        default="endoarss_vits14",
+        help="LoRA baseline config (endoarss family; its shared LoRA is used, TESLA off, BDTA's heads and weighting)",
     )
     training.add_argument("--batch-size", type=int, default=8)
     training.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")

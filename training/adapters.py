@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from training.layers.adapter_variants import SHARED_ADAPTER
 from training.layers.lora import AdapterLinear, TaskLinear, select_tasks
 from training.layers.ta_lora import (
+    PAPER_RANKS,
     TA_LORA_ADAPTER,
     OrthPenalty,
     check_ranks,
@@ -75,14 +76,14 @@ class AdapterConfig:
         },
     )
     ta_lora_ranks: tuple[int, int, int] = field(
-        default=(32, 32, 4), metadata={"help": "TA-LoRA core ranks (R1 input, R2 output, R3 task mode)"}
+        default=PAPER_RANKS, metadata={"help": "TA-LoRA core ranks (R1 input, R2 output, R3 task mode)"}
     )
     ta_lora_scaling: float = field(default=0.5, metadata={"help": "TA-LoRA: task t adds scaling * its update"})
     orth_weight: float = field(
         default=1.0, metadata={"help": "lambda of TA-LoRA's orthogonal regulariser, once per step (0 = off)"}
     )
     orth_penalty: OrthPenalty = field(
-        default="norm", metadata={"help": "its gaps as norms (public code) or squared norms (paper eq. 5 as printed)"}
+        default="squared", metadata={"help": "its gaps as squared norms (paper eq. 5) or norms (public code)"}
     )
     tune_layernorm: bool = field(
         default=False, metadata={"help": "also train the LayerNorm scales and biases of the adapted model"}

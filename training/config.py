@@ -48,11 +48,13 @@ class AdapterSection:
     kind: Literal["lora_tesla", "ta_lora"] = field(
         default="lora_tesla", metadata={"help": "lora_tesla: shared LoRA + TESLA; ta_lora: TA-LoRA (Tucker tensor)"}
     )
-    ta_lora_ranks: tuple[int, int, int] = field(default=(32, 32, 4), metadata={"help": "TA-LoRA (R1, R2, R3)"})
+    ta_lora_ranks: tuple[int, int, int] = field(
+        default=(32, 32, 8), metadata={"help": "TA-LoRA (R1, R2, R3) = (p, q, v); paper §4.1 NYUv2: 32, 32, 8"}
+    )
     ta_lora_scaling: float = field(default=0.5, metadata={"help": "TA-LoRA: task t adds scaling * its update"})
     orth_weight: float = field(default=1.0, metadata={"help": "lambda of TA-LoRA's orthogonal regulariser"})
     orth_penalty: Literal["norm", "squared"] = field(
-        default="norm", metadata={"help": "regulariser gaps: norm (public code) or squared (paper eq. 5 as printed)"}
+        default="squared", metadata={"help": "regulariser gaps: squared (paper eq. 5) or norm (public code)"}
     )
     tune_layernorm: bool = field(default=False, metadata={"help": "also train the backbone's LayerNorms"})
 
@@ -63,6 +65,9 @@ class HeadsConfig:
     activity_channels: int = 256
     dropout: float = 0.1
     activity_pool: Literal["avg", "max", "avgmax"] = "avg"
+    input_dim: int | None = field(
+        default=None, metadata={"help": "1x1 conv from the feature width to this width before each head (None: off)"}
+    )
 
 
 @dataclass
@@ -252,6 +257,17 @@ class DataConfig:
     blur_prob: float = 0.1
     num_workers: int = 0
     cache: bool = True
+    mask_offset: int = field(
+        default=0,
+        metadata={"help": "endoarss format: subtracted from non-zero mask values (1 = raw MTLESD masks, as the code)"},
+    )
+    endovis18_segmentation: Literal["instrument", "scene"] = field(
+        default="instrument",
+        metadata={"help": "endovis18 format: 7 instrument types + background (MTLEndovis) or the 12 scene classes"},
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "use the first N frames of each split only (small CPU runs; None = all)"}
+    )
 
 
 @dataclass
@@ -263,7 +279,9 @@ class OptimConfig:
     step_size: int = 100
     gamma: float = 0.5
     warmup_epochs: int = 0
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = field(
+        default=None, metadata={"help": "global grad-norm clip (None = off; no seed paper clips)"}
+    )
 
 
 @dataclass
@@ -271,7 +289,15 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 16
     seed: int = 0
-    weighting: Literal["ew", "dbmtl", "stch"] = "ew"
+    weighting: Literal["ew", "weighted", "dbmtl", "stch"] = field(
+        default="ew", metadata={"help": "ew: sum of losses; weighted: TA-LoRA eq. 6, sum_t w_t L_t / sum_t w_t"}
+    )
+    tasks: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "train only these tasks, one head each (a single-task baseline); None = all"}
+    )
+    task_weights: dict[str, float] | None = field(
+        default=None, metadata={"help": "w_t per task for `weighted` (missing tasks: 1; None = all 1, the mean)"}
+    )
     dbmtl_beta: float = 0.9
     stch_mu: float = 1.0
     stch_warmup_epochs: int = 4

@@ -19,7 +19,7 @@ from training.backbones import build_backbone, describe
 from training.config import BackboneConfig, ModelConfig
 from training.layers.sma import SMA
 from training.models.endoarss import EndoARSS
-from training.models.heads import ActivityHead, SegmentationHead, aspp_rates_for_grid
+from training.models.heads import ActivityHead, ProjectedHead, SegmentationHead, aspp_rates_for_grid
 
 logger = logging.getLogger(__name__)
 
@@ -174,22 +174,23 @@ def attach_adapters(
 def build_task_heads(
     cfg: ModelConfig, tasks: Sequence[dict[str, Any]], dim: int, grid: tuple[int, int]
 ) -> nn.ModuleDict:
-    """The ASPP segmentation head and the pooled activity head per task, on `dim`-channel features at `grid`."""
+    """The ASPP segmentation head and the pooled activity head per task, on `dim`-channel features at `grid`
+    (behind a 1x1 projection to `heads.input_dim` channels when that is set)."""
+    width = cfg.heads.input_dim or dim
     heads = nn.ModuleDict()
     for task in tasks:
         classes = len(task["classes"])
         if task["kind"] == "segmentation":
-            heads[task["name"]] = SegmentationHead(
-                dim,
+            head: nn.Module = SegmentationHead(
+                width,
                 classes,
                 channels=cfg.heads.segmentation_channels,
                 rates=aspp_rates_for_grid(grid),
                 dropout=cfg.heads.dropout,
             )
         else:
-            heads[task["name"]] = ActivityHead(
-                dim, classes, channels=cfg.heads.activity_channels, pool=cfg.heads.activity_pool
-            )
+            head = ActivityHead(width, classes, channels=cfg.heads.activity_channels, pool=cfg.heads.activity_pool)
+        heads[task["name"]] = head if cfg.heads.input_dim is None else ProjectedHead(dim, width, head)
     return heads
 
 

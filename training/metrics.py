@@ -25,7 +25,11 @@ Metrics and their sources:
 - SSIM (Wang et al. 2004, "Image quality assessment: from error visibility to structural similarity"): 11x11
   Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03, data range 1, valid region only (no padded borders).
   It compares the one-hot target with the class probability maps (or the one-hot prediction when no
-  probabilities are given) channel by channel and averages over all classes and images.
+  probabilities are given) channel by channel. Scoring rule, the same as for the boundary distances: per image, a
+  class is scored when it occurs in the target or in the predicted label map; a class absent from both is left out
+  (two empty maps are trivially identical and would score 1, so with 7 classes a prediction that gets every pixel
+  wrong scored about 0.7). Each class averages over the images where it was scored, and the reported value
+  averages over classes (background included).
 
 Paper-code variants (gkw0010/EndoARSS `LibMTL/eva.py`, see MODEL_NOTES section 1), reported for comparison only:
 - `hd_rows_paper_code`: symmetric Hausdorff distance between the two label maps taken as point sets whose points
@@ -214,7 +218,8 @@ def ssim_per_channel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Mean SSIM (Wang et al. 2004) of each channel pair of two (C, H, W) maps with values in [0, 1].
 
     Boolean maps are read as binary, so E[x^2] = E[x] saves a filter pass. A channel that is zero in both maps
-    scores exactly 1 (zero means, variances and covariance) and is not filtered.
+    scores exactly 1 (zero means, variances and covariance) and is not filtered; `SegmentationMeter` does not score
+    such channels at all (module docstring).
 
     Returns:
         (C,) mean of the SSIM map over the valid region (windows fully inside the image).
@@ -323,7 +328,7 @@ class SegmentationMeter:
         # Per-class sums over the images where the class was scored, and how many there were.
         self._hd95_sum, self._hd_mean_sum, self._nsd_sum = np.zeros(c), np.zeros(c), np.zeros(c)
         self._boundary_count = np.zeros(c, dtype=np.int64)
-        self._ssim_sum, self._ssim_count = np.zeros(c), 0
+        self._ssim_sum, self._ssim_count = np.zeros(c), np.zeros(c, dtype=np.int64)
         self._hd_rows_sum, self._hd_rows_count = 0.0, 0
         self._ssim_lm_sum, self._ssim_lm_count = 0.0, 0
 
@@ -389,9 +394,15 @@ class SegmentationMeter:
         classes = np.arange(self.num_classes)[:, None, None]
         # Unlabeled pixels are zero in both maps, so they agree and carry no structure.
         one_hot_target = (target == classes) & valid
-        y = (pred == classes) & valid if probs is None else np.where(valid, probs, 0.0)
-        self._ssim_sum += ssim_per_channel(one_hot_target, y)
-        self._ssim_count += 1
+        one_hot_pred = (pred == classes) & valid
+        # Only classes in the target or the predicted label map are scored (module docstring): probability maps are
+        # never exactly zero, so presence is read from the label maps.
+        scored = np.flatnonzero(one_hot_target.any(axis=(1, 2)) | one_hot_pred.any(axis=(1, 2)))
+        if scored.size == 0:
+            return
+        y = one_hot_pred if probs is None else np.where(valid, probs, 0.0)
+        self._ssim_sum[scored] += ssim_per_channel(one_hot_target[scored], y[scored])
+        self._ssim_count[scored] += 1
 
     def compute(self) -> dict[str, Any]:
         """Metrics over everything seen since construction or `reset()` (fractions in [0, 1], distances in px)."""
@@ -417,7 +428,8 @@ class SegmentationMeter:
         hd95 = np.where(scored, self._hd95_sum / count, np.nan) if self.boundary else nan
         hd_mean = np.where(scored, self._hd_mean_sum / count, np.nan) if self.boundary else nan
         nsd = np.where(scored, self._nsd_sum / count, np.nan) if self.boundary else nan
-        ssim = self._ssim_sum / self._ssim_count if self.ssim and self._ssim_count else nan
+        ssim_scored = self._ssim_count > 0
+        ssim = np.where(ssim_scored, self._ssim_sum / np.maximum(self._ssim_count, 1), np.nan) if self.ssim else nan
 
         skipped = self.num_images - self._ssim_lm_count
         if self.ssim and skipped:

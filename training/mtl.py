@@ -5,9 +5,12 @@ them. After `backward` every parameter that requires grad and takes part in the 
 any gradient already there, like `Tensor.backward`); the caller then clips and steps the optimiser.
 
 - EW: one backward of sum_t L_t.
+- weighted: TA-LoRA's objective (Wang et al., shared/papers/ta-lora-sam.md eq. 6), one backward of
+  sum_t w_t L_t / sum_t w_t; the orthogonal regulariser is added by the trainer, outside the weighting.
 - DB-MTL: Lin et al., "Dual-Balancing for Multi-Task Learning" (2023); LibMTL `weighting/DB_MTL.py`. Losses are
   balanced by taking logs; gradients of the trainable shared parameters are balanced by magnitude: with the EMA
-  g_hat_t = (1 - beta) g_t + beta g_hat_t of each task's log-loss gradient (g_hat = g at the first step),
+  g_hat_t = (1 - beta) g_t + beta g_hat_t of each task's log-loss gradient (g_hat = 0 before the first step,
+  as LibMTL's `grad_buffer` starts at zeros, so the first step's shared gradient is (1 - beta) of the balanced sum),
   alpha_t = max_k ||g_hat_k|| / ||g_hat_t|| and the shared gradient is sum_t alpha_t g_hat_t, so every task contributes
   a gradient of the largest task's norm. Task-specific parameters get plain gradients of sum_t log L_t.
 - STCH: Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective Optimization" (ICML 2024); LibMTL
@@ -35,7 +38,7 @@ gradients are then already identical on every rank, and averaging them changes n
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
@@ -47,7 +50,7 @@ LOG_EPS = 1e-8
 """Added to losses (and STCH's nadir ratios) before taking logs, so a zero loss gives a finite log."""
 
 GradSync = Callable[[Sequence[Tensor]], None]
-WeightingName = Literal["ew", "dbmtl", "stch"]
+WeightingName = Literal["ew", "weighted", "dbmtl", "stch"]
 
 
 class Weighting(Protocol):
@@ -114,6 +117,34 @@ class EqualWeighting(_TaskWeighting):
         return dict.fromkeys(self.tasks, 1.0)
 
 
+class WeightedMean(_TaskWeighting):
+    """TA-LoRA's eq. 6 task term: backward of sum_t w_t L_t / sum_t w_t (equal weights give the mean loss)."""
+
+    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None) -> None:
+        """
+        Args:
+            tasks: task names.
+            weights: w_t per task name; tasks it leaves out weigh 1. None: every task weighs 1.
+        """
+        super().__init__(tasks)
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"train.task_weights names {unknown}, not tasks of this run; tasks: {list(self.tasks)}")
+        self.weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError(f"train.task_weights {self.weights} must be >= 0 with a positive sum")
+
+    def backward(
+        self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter], epoch: int
+    ) -> dict[str, float]:
+        ordered = self._ordered(losses)
+        total = sum(self.weights.values())
+        normalised = [self.weights[task] / total for task in self.tasks]
+        torch.stack([w * loss for w, loss in zip(normalised, ordered, strict=True)]).sum().backward()
+        return dict(zip(self.tasks, normalised, strict=True))
+
+
 class DBMTL(_TaskWeighting):
     """DB-MTL: log losses plus magnitude-balanced EMA gradients on the trainable shared parameters."""
 
@@ -150,14 +181,14 @@ class DBMTL(_TaskWeighting):
         if self.grad_sync is not None:
             self.grad_sync([grads])
         if self.grad_ema is None:
-            self.grad_ema = grads
+            self.grad_ema = torch.zeros_like(grads)  # LibMTL DB_MTL.init_param: grad_buffer = zeros
         else:
             if self.grad_ema.shape != grads.shape:
                 raise RuntimeError(
                     f"DB-MTL gradient EMA has shape {tuple(self.grad_ema.shape)} but this step's shared gradients "
                     f"have {tuple(grads.shape)}: the set of trainable shared parameters changed since the EMA started"
                 )
-            self.grad_ema = torch.lerp(grads, self.grad_ema.to(grads.device), self.beta)  # (1-b) g + b g_hat
+        self.grad_ema = torch.lerp(grads, self.grad_ema.to(grads.device), self.beta)  # (1-b) g + b g_hat
         self.step += 1
         norms = torch.linalg.vector_norm(self.grad_ema, dim=1)  # T
         nonzero = norms > 0
@@ -265,7 +296,12 @@ class STCH(_TaskWeighting):
         self.nadir = state["nadir"]
 
 
-WEIGHTINGS: dict[str, type[_TaskWeighting]] = {"ew": EqualWeighting, "dbmtl": DBMTL, "stch": STCH}
+WEIGHTINGS: dict[str, type[_TaskWeighting]] = {
+    "ew": EqualWeighting,
+    "weighted": WeightedMean,
+    "dbmtl": DBMTL,
+    "stch": STCH,
+}
 
 
 def build_weighting(
@@ -276,6 +312,7 @@ def build_weighting(
     mu: float = 1.0,
     warmup_epochs: int = 4,
     grad_sync: GradSync | None = None,
+    task_weights: Mapping[str, float] | None = None,
 ) -> Weighting:
     """Build a loss weighting by name; options that the chosen method does not use are ignored.
 
@@ -286,9 +323,14 @@ def build_weighting(
         mu: STCH smoothing.
         warmup_epochs: STCH log-loss warm-up epochs.
         grad_sync: in-place cross-rank average for data-parallel runs (DB-MTL gradients, STCH nadir).
+        task_weights: w_t of `weighted`; the other methods refuse them rather than ignore them.
     """
+    if task_weights and name != "weighted":
+        raise ValueError(f"train.task_weights only applies to train.weighting=weighted, not {name!r}; drop one of them")
     if name == "ew":
         return EqualWeighting(tasks)
+    if name == "weighted":
+        return WeightedMean(tasks, task_weights)
     if name == "dbmtl":
         return DBMTL(tasks, beta=beta, grad_sync=grad_sync)
     if name == "stch":

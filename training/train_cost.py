@@ -1,9 +1,16 @@
-"""Training cost of BDTA + MoTE against LoRA + TESLA on the same frozen backbone: what `endostream bench train` runs.
+"""Training cost of BDTA + MoTE against a LoRA baseline on the same frozen backbone: what `endostream bench train` runs.
 
 The paper's efficiency claim (shared/papers/bdta-mote.md section 3.4, Table 2: ~30 % of the parameters, ~50 % of the
-memory, ~60 % of the training time of LoRA-style multi-task PEFT) as a measurement on our backbones: the same frozen
-ViT, batch and heads, once with the BDTA bypass beside the backbone and once with EndoARSS's shared LoRA + TESLA
-adapters inside it.
+memory, ~60 % of the training time of LoRA-style multi-task PEFT such as MTLoRA) as a measurement on our backbones.
+The baseline is the comparison the paper makes, and nothing else differs:
+- LoRA on q and v of the same frozen ViT, inserted serially (gradients flow back through the backbone), one token
+  stream: no TESLA task streams, whose second full backbone pass would mix stream cost into the comparison;
+- heads of the same shape: the LoRA model's 384-wide tokens go through a 1x1 projection to BDTA's MoTE width (96 for
+  ViT-S, r = 4) before heads identical to BDTA's; the projection counts as adaptation, like MoTE;
+- the loss weighting of the shipped BDTA config (DB-MTL for `bdta_vits14`, with its per-task backward passes) for
+  both models, through the trainer's own weighting code.
+Parameters are reported as adaptation (trainable, heads excluded) and heads apart, so a ratio of trainable
+parameters cannot come from the heads.
 
 Figures per model:
 - step time: interleaved AdamW steps (one of each model per round, so load from other processes hits both alike);
@@ -31,7 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from training.config import ModelConfig, load_config
+from training.config import ModelConfig, TrainConfig, load_config
+from training.models.heads import ProjectedHead
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +63,45 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], Any]) -> int:
     return sum(seen.values())
 
 
-def training_step(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
-    """One AdamW step of `model` on `batch` with the trainer's equal-weight `task_losses`, as a closure."""
-    from training.trainer import task_losses  # the trainer imports the factory, which imports the builders
+def training_step(
+    model: nn.Module, batch: dict[str, Tensor], train_cfg: TrainConfig | None = None
+) -> Callable[[], None]:
+    """One AdamW step of `model` on `batch` with the trainer's `task_losses` and loss weighting, as a closure.
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    Args:
+        train_cfg: its `weighting` (and DB-MTL beta / STCH settings) are used; None: equal weights.
+    """
+    from training.mtl import build_weighting  # the trainer imports the factory, which imports the builders
+    from training.trainer import split_parameters, task_losses
+
+    train_cfg = train_cfg or TrainConfig(weighting="ew")
+    weighting = build_weighting(
+        train_cfg.weighting,
+        model.tasks,
+        beta=train_cfg.dbmtl_beta,
+        mu=train_cfg.stch_mu,
+        warmup_epochs=train_cfg.stch_warmup_epochs,
+        task_weights=train_cfg.task_weights,
+    )
+    shared, params = split_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> None:
         losses = task_losses(model, model(batch["image"]), batch)
         optimizer.zero_grad(set_to_none=True)
-        torch.stack(list(losses.values())).sum().backward()
+        weighting.backward(losses, shared, epoch=0)
         optimizer.step()
 
     return step
+
+
+def head_parameter_count(model: nn.Module) -> int:
+    """Trainable parameters of the task heads proper (a `ProjectedHead`'s projection is adaptation, not head)."""
+    total = 0
+    for head in model.heads.values():
+        inner = head.head if isinstance(head, ProjectedHead) else head
+        total += sum(p.numel() for p in inner.parameters() if p.requires_grad)
+    return total
 
 
 def _timed(step: Callable[[], None], device: torch.device) -> float:
@@ -105,7 +139,13 @@ def cpu_peak_supported() -> str | None:
 
 
 def _child_peak_mib(
-    cfg: ModelConfig, tasks: list[dict[str, Any]], batch: dict[str, Tensor], seed: int, steps: int, threads: int
+    cfg: ModelConfig,
+    tasks: list[dict[str, Any]],
+    batch: dict[str, Tensor],
+    seed: int,
+    steps: int,
+    threads: int,
+    train_cfg: TrainConfig | None = None,
 ) -> float:
     """In a fresh process: build the model, then the peak resident set of `steps` training steps above the set before.
 
@@ -116,7 +156,7 @@ def _child_peak_mib(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_model(cfg, tasks, load_backbone_weights=False).train()
-    step = training_step(model, batch)
+    step = training_step(model, batch, train_cfg)
     before = _status_kib("VmRSS")
     _CLEAR_REFS.write_text("5")  # resets VmHWM to the current resident set
     for _ in range(steps):
@@ -125,7 +165,13 @@ def _child_peak_mib(
 
 
 def cpu_peak_step_mib(
-    cfg: ModelConfig, tasks: list[dict[str, Any]], batch: dict[str, Tensor], *, seed: int = 0, steps: int = 2
+    cfg: ModelConfig,
+    tasks: list[dict[str, Any]],
+    batch: dict[str, Tensor],
+    *,
+    seed: int = 0,
+    steps: int = 2,
+    train_cfg: TrainConfig | None = None,
 ) -> float:
     """Peak memory of training steps on CPU above the built model, measured in a fresh child process (see module)."""
     reason = cpu_peak_supported()
@@ -133,7 +179,9 @@ def cpu_peak_step_mib(
         raise RuntimeError(reason)
     context = multiprocessing.get_context("spawn")  # a clean heap: nothing freed by the other model is reused
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        future = pool.submit(_child_peak_mib, cfg, tasks, batch, seed, max(2, steps), torch.get_num_threads())
+        future = pool.submit(
+            _child_peak_mib, cfg, tasks, batch, seed, max(2, steps), torch.get_num_threads(), train_cfg
+        )
         return future.result()
 
 
@@ -149,16 +197,17 @@ def bench_train_cost(
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Training cost of BDTA + MoTE against EndoARSS's LoRA + TESLA on the same frozen backbone, batch and heads.
+    """Training cost of BDTA + MoTE against the fair LoRA baseline (module docstring) on the same frozen backbone.
 
     Both models are built with random weights (nothing is read from disk); `overrides` (`key=value`, as on the
-    command line) apply to both, and the LoRA model takes the BDTA config's backbone, image size and heads so only
-    the adaptation differs. Each model runs `warmup` + `steps` AdamW steps on one random uint8 batch (equal-weight
-    cross-entropy, the trainer's `task_losses`).
+    command line) apply to both. The LoRA model takes the BDTA config's backbone, image size and heads (behind a
+    projection to BDTA's head width), one token stream, and both train with the BDTA config's loss weighting. Each
+    model runs `warmup` + `steps` AdamW steps on one random uint8 batch (the trainer's `task_losses`).
 
     Args:
         bdta_config: config name or path of the BDTA model.
-        lora_config: config name or path of the LoRA model (family endoarss).
+        lora_config: config name or path of the LoRA model (family endoarss; its shared LoRA rank and targets are
+            used, TESLA is switched off).
         overrides: `key=value` overrides for both configs (e.g. `model.image_size=[112, 112]`).
         batch_size: images per step.
         steps: timed steps (the median is reported).
@@ -169,20 +218,28 @@ def bench_train_cost(
 
     Returns:
         {"setup": ..., "bdta": figures, "lora": figures, "ratio": bdta / lora for each figure}; figures are
-        trainable_params, adaptation_params (trainable minus heads), total_params, step_seconds (median),
-        step_seconds_min, peak_memory_mib and peak_step_memory_mib (see the module docstring; absent where they
-        cannot be measured) and saved_activation_mib.
+        trainable_params, adaptation_params (trainable, heads excluded), head_params, total_params, step_seconds
+        (median), step_seconds_min, peak_memory_mib and peak_step_memory_mib (see the module docstring; absent where
+        they cannot be measured) and saved_activation_mib.
     """
+    from training.backbones import build_backbone
     from training.data.writer import synth_labels
     from training.factory import build_model
     from training.trainer import task_losses
 
-    bdta_cfg = load_config(bdta_config, list(overrides)).model
+    bdta_full = load_config(bdta_config, list(overrides))
+    bdta_cfg, train_cfg = bdta_full.model, bdta_full.train
     lora_cfg = load_config(lora_config, list(overrides)).model
     if bdta_cfg.family != "bdta" or lora_cfg.family != "endoarss":
         raise ValueError(f"compare a bdta config with an endoarss one, got {bdta_cfg.family} and {lora_cfg.family}")
+    if lora_cfg.adapters.kind != "lora_tesla" or lora_cfg.adapters.shared_rank < 1:
+        raise ValueError(f"{lora_config}: the baseline needs shared LoRA (adapters.shared_rank >= 1, kind lora_tesla)")
+    embed_dim = build_backbone(bdta_cfg.backbone.name, None, **dict(bdta_cfg.backbone.overrides)).embed_dim
+    head_width = bdta_cfg.bdta.mote_dim or embed_dim // bdta_cfg.bdta.reduction
     lora_cfg.backbone = copy.deepcopy(bdta_cfg.backbone)  # frozen, as the bdta builder requires
     lora_cfg.image_size, lora_cfg.heads = bdta_cfg.image_size, copy.deepcopy(bdta_cfg.heads)
+    lora_cfg.heads.input_dim = head_width  # BDTA's heads read MoTE's head_width channels
+    lora_cfg.adapters.task_rank = 0  # one stream: no TESLA second pass
     lora_cfg.sma.enabled = lora_sma
     tasks = synth_labels({}).to_dict()["tasks"]
     target = torch.device(device)
@@ -198,7 +255,7 @@ def bench_train_cost(
     if target.type == "cpu":  # before this process builds anything: the children start from the same clean state
         if (reason := cpu_peak_supported()) is None:
             for name, cfg in configs.items():
-                mib = cpu_peak_step_mib(cfg, tasks, batch, seed=seed)
+                mib = cpu_peak_step_mib(cfg, tasks, batch, seed=seed, train_cfg=train_cfg)
                 figures[name] = {"peak_step_memory_mib": mib}
                 logger.info("bench %s: peak step memory %.1f MiB above the built model (child process)", name, mib)
         else:
@@ -208,14 +265,15 @@ def bench_train_cost(
     for name, cfg in configs.items():
         torch.manual_seed(seed)
         model = build_model(cfg, tasks, load_backbone_weights=False).to(target).train()
-        steps_of[name] = training_step(model, batch)
+        steps_of[name] = training_step(model, batch, train_cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        heads = sum(p.numel() for p in model.heads.parameters() if p.requires_grad)
+        heads = head_parameter_count(model)
         saved = saved_activation_bytes(model, lambda m=model: task_losses(m, m(batch["image"]), batch))
         weight_mib[name] = sum(t.nbytes for t in (*model.parameters(), *model.buffers())) / 2**20
         figures.setdefault(name, {}).update(
             trainable_params=trainable,
-            adaptation_params=trainable - heads,  # trainable, heads excluded (BDTA + MoTE, or LoRA + TESLA)
+            adaptation_params=trainable - heads,  # BDTA + MoTE, or LoRA + the projection to the head width
+            head_params=heads,
             total_params=sum(p.numel() for p in model.parameters()),
             saved_activation_mib=saved / 2**20,
         )
@@ -245,7 +303,13 @@ def bench_train_cost(
             "steps": steps,
             "device": str(target),
             "threads": torch.get_num_threads(),
-            "lora": {"shared_rank": lora_cfg.adapters.shared_rank, "task_rank": lora_cfg.adapters.task_rank},
+            "lora": {
+                "shared_rank": lora_cfg.adapters.shared_rank,
+                "task_rank": lora_cfg.adapters.task_rank,
+                "targets": list(lora_cfg.adapters.targets),
+            },
+            "head_input_width": head_width,
+            "weighting": train_cfg.weighting,
             "lora_sma": lora_sma,
             "peak_memory": "torch.cuda.max_memory_allocated" if target.type == "cuda" else "child-process VmHWM",
         },

@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def select_tasks(labels: dict[str, Any], tasks: Sequence[str] | None) -> dict[str, Any]:
+    """`labels` with only the named tasks (None: all), e.g. one task for a single-task baseline of Δm."""
+    if tasks is None:
+        return labels
+    names = [t["name"] for t in labels["tasks"]]
+    unknown = [task for task in tasks if task not in names]
+    if unknown or not tasks:
+        raise ValueError(f"train.tasks={list(tasks)} must name tasks of the dataset {names} (or be null for all)")
+    return {**labels, "tasks": [t for t in labels["tasks"] if t["name"] in tasks]}
 
 
 def task_losses(model: EndoARSS, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -148,7 +160,7 @@ class Trainer:
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
         self.progress = progress and ctx.is_main
         root = Path(cfg.data.root)
-        self.labels = read_labels(root).to_dict()
+        self.labels = select_tasks(read_labels(root).to_dict(), cfg.train.tasks)
         size = tuple(cfg.model.image_size)
         train_source = open_dataset(cfg.data, cfg.data.train_split)
         self.train_set = TaskDataset(
@@ -197,6 +209,7 @@ class Trainer:
             beta=cfg.train.dbmtl_beta,
             mu=cfg.train.stch_mu,
             warmup_epochs=cfg.train.stch_warmup_epochs,
+            task_weights=cfg.train.task_weights,
             grad_sync=(lambda grads: average_tensors(grads, ctx)) if ctx.enabled else None,
         )
         self.start_epoch = 0
@@ -361,8 +374,8 @@ class Trainer:
             "epoch %d: %s | val acc %.3f mIoU %.3f%s (%.0fs)",
             epoch + 1,
             " ".join(f"{k}={v:.3f}" for k, v in train_stats.items()),
-            metrics["activity"]["accuracy"],
-            metrics["segmentation"]["miou"],
+            metrics.get("activity", {}).get("accuracy", math.nan),
+            metrics.get("segmentation", {}).get("miou", math.nan),
             " *best*" if improved else "",
             seconds,
         )

@@ -13,6 +13,7 @@ from training.config import DataConfig
 from training.data.datasets import (
     ENDOVIS18_ACTIVITIES,
     ENDOVIS18_COLORS,
+    ENDOVIS18_INSTRUMENTS,
     EndoARSSFolder,
     EndoVis18,
     colors_to_index,
@@ -127,7 +128,7 @@ def test_endovis18_fake_set_loads(tmp_path: Path):
     expected = _fake_endovis(tmp_path)
     csv_file = tmp_path / "activities.csv"
     csv_file.write_text("seq,frame,activity\n1,0,suction\nseq_1,frame001,Suturing\n2,frame000.png,3\n")
-    data = EndoVis18(tmp_path, [1, 2], csv_file)
+    data = EndoVis18(tmp_path, [1, 2], csv_file, segmentation="scene")
     assert len(data) == 3  # seq_2/frame001 has no activity label
     by_name = {data[i]["name"]: data[i] for i in range(len(data))}
     assert set(by_name) == {"seq_1/frame000", "seq_1/frame001", "seq_2/frame000"}
@@ -141,9 +142,9 @@ def test_endovis18_fake_set_loads(tmp_path: Path):
     json_file.write_text(json.dumps({"classes": ["a", "b"], "labels": {"seq_2": {"frame001": "b"}, "1/0": 0}}))
     classes, labels = read_activity_file(json_file)
     assert classes == ("a", "b") and labels == {(2, 1): 1, (1, 0): 0}
-    assert len(EndoVis18(tmp_path, [2], json_file)) == 1
+    assert len(EndoVis18(tmp_path, [2], json_file, segmentation="scene")) == 1
     (tmp_path / "splits.json").write_text(json.dumps({"train": [1], "test": [2]}))
-    data = open_dataset_at(tmp_path, DataConfig(format="endovis18"), "train")
+    data = open_dataset_at(tmp_path, DataConfig(format="endovis18", endovis18_segmentation="scene"), "train")
     assert isinstance(data, EndoVis18) and len(data) == 2
 
 
@@ -152,22 +153,43 @@ def test_endovis18_errors(tmp_path: Path):
     bad = tmp_path / "bad.csv"
     bad.write_text("seq,frame,activity\n1,0,juggling\n")
     with pytest.raises(ValueError, match="juggling"):
-        EndoVis18(tmp_path, [1], bad)
+        EndoVis18(tmp_path, [1], bad, segmentation="scene")
     missing = tmp_path / "missing.csv"
     missing.write_text("seq,frame,activity\n1,7,idle\n")
     with pytest.raises(FileNotFoundError, match="frame007"):
-        EndoVis18(tmp_path, [1], missing)
+        EndoVis18(tmp_path, [1], missing, segmentation="scene")
     with pytest.raises(FileNotFoundError, match="seq_9"):
-        EndoVis18(tmp_path, [9], missing)
+        EndoVis18(tmp_path, [9], missing, segmentation="scene")
     mask = np.zeros((6, 8, 3), np.uint8)
     mask[2, 3] = (1, 2, 3)
     _png(tmp_path / "seq_1" / "labels" / "frame000.png", mask)
     good = tmp_path / "good.csv"
     good.write_text("seq,frame,activity\n1,0,idle\n")
     with pytest.raises(ValueError, match=r"\(1, 2, 3\)"):
-        EndoVis18(tmp_path, [1], good)[0]
+        EndoVis18(tmp_path, [1], good, segmentation="scene")[0]
     with pytest.raises(FileNotFoundError, match="splits.json"):
         open_dataset_at(tmp_path, DataConfig(format="endovis18"), "train")
+
+
+def test_endovis18_segments_the_7_mtlendovis_instruments_by_default(tmp_path: Path):
+    expected = _fake_endovis(tmp_path)  # scene colour masks in labels/
+    rng = np.random.default_rng(1)
+    instruments = {}
+    for name in expected:
+        seq, frame = name.split("/")
+        instruments[name] = rng.integers(0, len(ENDOVIS18_INSTRUMENTS), (6, 8)).astype(np.uint8)
+        _png(tmp_path / seq / "instruments" / f"{frame}.png", instruments[name])
+    csv_file = tmp_path / "activities.csv"
+    csv_file.write_text("seq,frame,activity\n1,0,suction\n2,1,idle\n")
+    data = EndoVis18(tmp_path, [1, 2], csv_file)
+    assert data.labels.segmentation.classes == ENDOVIS18_INSTRUMENTS and len(ENDOVIS18_INSTRUMENTS) == 1 + 7
+    for sample in (data[0], data[1]):
+        np.testing.assert_array_equal(sample["mask"], instruments[sample["name"]])
+    _png(tmp_path / "seq_1" / "instruments" / "frame000.png", np.full((6, 8), 9, np.uint8))
+    with pytest.raises(ValueError, match="holds value 9"):
+        EndoVis18(tmp_path, [1], csv_file)[0]
+    with pytest.raises(ValueError, match="segmentation='parts'"):
+        EndoVis18(tmp_path, [1], csv_file, segmentation="parts")
 
 
 def test_colors_to_index_and_unknown_colour():

@@ -278,6 +278,46 @@ def test_ssim_matches_slow_references():
     assert meter.compute()["ssim"] == pytest.approx(ours.mean(), abs=1e-12)
 
 
+def _fully_wrong(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Target: background with a lesion square; prediction: every pixel a class the target does not have there."""
+    target = np.zeros((1, 32, 32), np.int64)
+    target[0, 8:20, 8:20] = 1
+    pred = np.where(target == 0, 2, 0)  # background -> class 2, lesion -> background: mIoU 0
+    return pred, target
+
+
+@pytest.mark.parametrize("num_classes", [3, 7, 13])
+def test_ssim_of_a_fully_wrong_prediction_is_low_whatever_the_class_count(num_classes: int):
+    pred, target = _fully_wrong(num_classes)
+    meter = SegmentationMeter(num_classes, boundary=False)
+    meter.update(pred, target)
+    out = meter.compute()
+    assert out["miou"] == 0.0
+    # Averaging over all classes gave 0.70 with 7 classes and 0.84 with 13: the absent classes scored 1 each.
+    assert out["ssim"] < 0.15
+    assert [out["per_class"][str(c)]["ssim"] is None for c in range(num_classes)] == [False] * 3 + [True] * (
+        num_classes - 3
+    )
+
+
+def test_ssim_leaves_out_classes_absent_from_both_maps():
+    rng = np.random.default_rng(8)
+    target = random_label_maps(rng, 2, 24, 30, 3)
+    pred = np.where(rng.random(target.shape) < 0.2, rng.integers(0, 3, target.shape), target)
+    few, many = SegmentationMeter(3, boundary=False), SegmentationMeter(9, boundary=False)
+    few.update(pred, target)
+    many.update(pred, target)
+    assert many.compute()["ssim"] == pytest.approx(few.compute()["ssim"], abs=1e-12)
+    # A class is averaged over the images where it occurs only: image 1 has no class 2 in either map.
+    pred_wrong, target_wrong = _fully_wrong(3)
+    single = SegmentationMeter(3, boundary=False)
+    single.update(pred_wrong, target_wrong)
+    meter = SegmentationMeter(3, boundary=False)
+    meter.update(np.concatenate([pred_wrong, target_wrong]), np.concatenate([target_wrong, target_wrong]))
+    expected = single.compute()["per_class"]["2"]["ssim"]
+    assert expected < 0.15 and meter.compute()["per_class"]["2"]["ssim"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_ssim_needs_images_larger_than_the_window():
     meter = SegmentationMeter(2, boundary=False)
     with pytest.raises(ValueError, match="ssim=False"):

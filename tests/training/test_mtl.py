@@ -77,13 +77,13 @@ def test_dbmtl_matches_hand_computation_over_two_steps():
 
     g1, h1 = _closed_form(model, x1[0])
     alpha = weighting.backward(model.losses(x1), model.shared_params(), epoch=0)
-    # Step 1: g_hat = g; alpha_t = max_k |g_k| / |g_t|.
+    # Step 1: g_hat = (1 - beta) g (the EMA starts at 0, as LibMTL's); alpha_t = max_k |g_k| / |g_t|.
     norms = {t: g1[t].norm() for t in TASKS}
     top = max(norms.values())
     for t in TASKS:
         assert alpha[t] == pytest.approx((top / norms[t]).item(), rel=1e-5)
     assert max(alpha.values()) > 1.2  # the two tasks' gradients differ in scale: balancing matters here
-    expected = sum(top / norms[t] * g1[t] for t in TASKS)
+    expected = sum(top / norms[t] * 0.1 * g1[t] for t in TASKS)
     torch.testing.assert_close(model.shared.weight.grad, expected)
     for t in TASKS:  # heads: plain gradient of sum_t log L_t
         torch.testing.assert_close(model.heads[t].weight.grad, h1[t])
@@ -91,7 +91,7 @@ def test_dbmtl_matches_hand_computation_over_two_steps():
     model.zero_grad(set_to_none=True)
     g2, h2 = _closed_form(model, x2[0])
     alpha = weighting.backward(model.losses(x2), model.shared_params(), epoch=0)
-    ema = {t: 0.1 * g2[t] + 0.9 * g1[t] for t in TASKS}
+    ema = {t: 0.1 * g2[t] + 0.9 * 0.1 * g1[t] for t in TASKS}
     norms = {t: ema[t].norm() for t in TASKS}
     top = max(norms.values())
     for t in TASKS:
@@ -108,7 +108,7 @@ def test_dbmtl_matches_autograd_per_task_gradients_on_a_batch():
     logs = {t: torch.log(loss + LOG_EPS) for t, loss in reference.losses(x).items()}
     per_task = {t: torch.autograd.grad(logs[t], reference.shared.weight, retain_graph=True)[0] for t in TASKS}
     norms = {t: g.norm() for t, g in per_task.items()}
-    expected = sum(max(norms.values()) / norms[t] * per_task[t] for t in TASKS)
+    expected = sum(max(norms.values()) / norms[t] * (1 - 0.9) * per_task[t] for t in TASKS)  # EMA from 0
     torch.testing.assert_close(model.shared.weight.grad, expected)
     head_grads = torch.autograd.grad(sum(logs.values()), [reference.heads[t].weight for t in TASKS])
     for t, grad in zip(TASKS, head_grads, strict=True):
@@ -125,7 +125,7 @@ def test_dbmtl_adds_to_existing_gradients_and_handles_a_zero_gradient_task():
     g, _ = _closed_form(model, x[0])
     assert alpha == {"seg": 1.0, "act": 1.0}
     assert torch.isfinite(model.shared.weight.grad).all()
-    torch.testing.assert_close(model.shared.weight.grad, 1.0 + g["seg"])
+    torch.testing.assert_close(model.shared.weight.grad, 1.0 + 0.1 * g["seg"])
 
 
 def test_dbmtl_grad_sync_sees_per_task_gradients_before_the_ema():
@@ -246,7 +246,7 @@ def test_stch_grad_sync_averages_nadir_statistics():
 
 
 def test_build_weighting_rejects_unknown_name_and_bad_losses():
-    with pytest.raises(ValueError, match=r"'mgda'.*\['dbmtl', 'ew', 'stch'\]"):
+    with pytest.raises(ValueError, match=r"'mgda'.*\['dbmtl', 'ew', 'stch', 'weighted'\]"):
         build_weighting("mgda", TASKS)
     model = TwoTask()
     losses = model.losses(torch.randn(2, 3))
@@ -256,3 +256,32 @@ def test_build_weighting_rejects_unknown_name_and_bad_losses():
         build_weighting("stch", TASKS, warmup_epochs=0)
     with pytest.raises(ValueError, match="beta"):
         build_weighting("dbmtl", TASKS, beta=1.0)
+
+
+def test_dbmtl_ema_starts_at_zero_as_in_libmtl():
+    """LibMTL's grad_buffer starts at zeros: the first shared gradient is (1 - beta) of the balanced sum."""
+    model, reference = TwoTask(), TwoTask()
+    x = torch.randn(4, 3)
+    DBMTL(TASKS, beta=0.75).backward(model.losses(x), model.shared_params(), epoch=0)
+    logs = {t: torch.log(loss + LOG_EPS) for t, loss in reference.losses(x).items()}
+    per_task = {t: torch.autograd.grad(logs[t], reference.shared.weight, retain_graph=True)[0] for t in TASKS}
+    norms = {t: g.norm() for t, g in per_task.items()}
+    balanced = sum(max(norms.values()) / norms[t] * per_task[t] for t in TASKS)
+    torch.testing.assert_close(model.shared.weight.grad, 0.25 * balanced)
+
+
+def test_weighted_mean_is_eq6_of_ta_lora():
+    model, reference = TwoTask(), TwoTask()
+    x = torch.randn(4, 3)
+    weights = build_weighting("weighted", TASKS, task_weights={"seg": 3.0}).backward(
+        model.losses(x), model.shared_params(), epoch=0
+    )
+    assert weights == {"seg": 0.75, "act": 0.25}
+    losses = reference.losses(x)
+    ((3.0 * losses["seg"] + 1.0 * losses["act"]) / 4.0).backward()
+    for name, grad in _grads(reference).items():
+        torch.testing.assert_close(_grads(model)[name], grad)
+    with pytest.raises(ValueError, match=r"names \['depth'\]"):
+        build_weighting("weighted", TASKS, task_weights={"depth": 1.0})
+    with pytest.raises(ValueError, match="only applies to train.weighting=weighted"):
+        build_weighting("ew", TASKS, task_weights={"seg": 2.0})

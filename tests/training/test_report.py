@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from training.metrics import ClassificationMeter, SegmentationMeter
-from training.report import delta_m, evaluation_result, load_result, markdown_table
+from training.report import delta_m, evaluation_result, load_result, markdown_table, same_baseline
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,7 +63,7 @@ def test_markdown_table_single_result_named_dict_and_delta_column():
     single = markdown_table(make_result()).splitlines()
     assert single[2].startswith("| runs/a/best | 72.18 |")
     base, better = make_result(), make_result(acc=0.80)
-    better["delta_m"] = delta_m(better, base)
+    better["delta_m"] = delta_m(better, same_baseline(base))
     named = markdown_table({"baseline": base, "ours": better}).splitlines()
     assert named[0].endswith("| SSIM (%) | Δm (%) |")
     assert named[2].endswith("| N/A |")
@@ -72,26 +72,41 @@ def test_markdown_table_single_result_named_dict_and_delta_column():
 
 def test_delta_m_signs_and_value():
     base = make_result(acc=0.5, hd95=10.0)
-    assert delta_m(base, base) == 0.0
-    assert delta_m(make_result(acc=0.6, hd95=10.0), base) == pytest.approx(20.0 / 6)  # better accuracy: positive
-    assert delta_m(make_result(acc=0.5, hd95=12.0), base) == pytest.approx(-20.0 / 6)  # larger HD95: negative
-    assert delta_m(make_result(acc=0.5, hd95=8.0), base) == pytest.approx(20.0 / 6)
-    assert delta_m(make_result(acc=0.6, hd95=12.0), base) == pytest.approx(0.0)
-    only_acc = delta_m(make_result(acc=0.6), base, metrics=[("activity", "accuracy", False)])
+    same = same_baseline(base)
+    assert delta_m(base, same) == 0.0
+    # Per task first (activity: 2 metrics, segmentation: 4), then over the 2 tasks.
+    assert delta_m(make_result(acc=0.6, hd95=10.0), same) == pytest.approx(20.0 / 2 / 2)  # better accuracy: positive
+    assert delta_m(make_result(acc=0.5, hd95=12.0), same) == pytest.approx(-20.0 / 4 / 2)  # larger HD95: negative
+    assert delta_m(make_result(acc=0.5, hd95=8.0), same) == pytest.approx(20.0 / 4 / 2)
+    # The flat mean over six metrics gave 0 here; per task, +20 % on one of two activity metrics outweighs
+    # -20 % on one of four segmentation metrics.
+    assert delta_m(make_result(acc=0.6, hd95=12.0), same) == pytest.approx(2.5)
+    only_acc = delta_m(make_result(acc=0.6), same, metrics=[("activity", "accuracy", False)])
     assert only_acc == pytest.approx(20.0)
     perfect = make_result(hd95=0.0)
-    assert delta_m(perfect, perfect) == 0.0
+    assert delta_m(perfect, same_baseline(perfect)) == 0.0
     with pytest.raises(ValueError, match="hd95 is 0"):
-        delta_m(make_result(hd95=1.0), perfect)
+        delta_m(make_result(hd95=1.0), same_baseline(perfect))
+
+
+def test_delta_m_against_single_task_baselines():
+    activity_only = evaluation_result({"accuracy": 0.5, "f1_macro": 0.4}, None, {"checkpoint": "stl_a"})
+    seg_only = evaluation_result(None, {"miou": 0.5, "dice": 0.6, "hd95": 10.0, "ssim": 0.8}, {"checkpoint": "stl_s"})
+    baselines = {"activity": activity_only, "segmentation": seg_only}
+    mtl = make_result(acc=0.55, f1=0.4, miou=0.5, dice=0.6, hd95=10.0, ssim=0.8)
+    assert delta_m(mtl, baselines) == pytest.approx(10.0 / 2 / 2)
+    with pytest.raises(ValueError, match="no baseline for task 'segmentation'"):
+        delta_m(mtl, {"activity": activity_only})
+    assert "segmentation" not in activity_only and markdown_table([("stl", activity_only)]).endswith("| N/A |")
 
 
 def test_delta_m_names_the_missing_key():
     base = make_result()
     del base["segmentation"]["hd95"]
     with pytest.raises(ValueError, match=r"baseline lacks segmentation\.hd95"):
-        delta_m(make_result(), base)
+        delta_m(make_result(), same_baseline(base))
     with pytest.raises(ValueError, match=r"result lacks segmentation\.ssim"):
-        delta_m(make_result(ssim=None), make_result())
+        delta_m(make_result(ssim=None), same_baseline(make_result()))
 
 
 def test_load_result_round_trip_and_errors(tmp_path: Path):
@@ -105,5 +120,5 @@ def test_load_result_round_trip_and_errors(tmp_path: Path):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_result(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text('{"loss": 1}')
-    with pytest.raises(ValueError, match="'activity'"):
+    with pytest.raises(ValueError, match="'activity' or 'segmentation'"):
         load_result(tmp_path / "other.json")

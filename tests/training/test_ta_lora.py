@@ -241,6 +241,16 @@ def test_orthogonal_regulariser_is_lambda_times_the_code_or_the_paper_form(penal
     assert float(adapter_regularization(model).detach()) < 1e-5
 
 
+def test_defaults_are_the_papers_eq5_and_ranks() -> None:
+    """Without orth_penalty the regulariser is eq. 5, the sum of squared Frobenius norms (the mean of unsquared norms
+    before); the default ranks are the paper's (32, 32, 8)."""
+    assert AdapterConfig(tasks=("seg", "act"), kind="ta_lora").ta_lora_ranks == PAPER_RANKS == (32, 32, 8)
+    model, _ = build_ta(ta_lora_ranks=(4, 3, 2))  # orth_penalty left at its default
+    layers = [layer for _, layer in iter_adapter_layers(model)]
+    expected = torch.stack([torch.stack(_reference_terms(layer)).square().sum() for layer in layers]).mean()
+    torch.testing.assert_close(adapter_regularization(model), expected)
+
+
 def test_regulariser_is_a_constant_zero_where_it_does_not_apply() -> None:
     lora_tesla, _ = build()
     no_weight, _ = build_ta(orth_weight=0.0)

@@ -87,6 +87,8 @@ def test_eval_cli_writes_json_and_table(run_dir: Path, synth_data: Path, tmp_pat
     for key in ("miou", "dice", "hd95", "ssim"):
         assert key in result["segmentation"]
     assert "mIoU" in md.read_text()
+    legend = [line for line in md.read_text().splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in legend] == ["- Acc", "- F1", "- mIoU", "- Dice", "- HD95", "- SSIM", "- Δm"]
     assert (
         main(
             [

@@ -7,9 +7,11 @@ ignore), `activity` (int) and `name` (str, unique within the dataset).
   index PNGs; the public EndoARSS code shifts them with `label[label > 0] -= 1` for some datasets, which is
   `mask_offset=1` here (default 0: our synthetic masks are stored as class indices). `mask_mapping` relabels raw
   values explicitly instead (e.g. {0: 255} to ignore a class).
-- `EndoVis18`: the MICCAI 2018 Robotic Scene Segmentation release, `root/seq_N/left_frames/frameXXX.png` with colour
-  masks in `root/seq_N/labels/frameXXX.png`, converted to indices by `ENDOVIS18_COLORS`; activity labels come from a
-  separate file (EndoVis-18-VQLA-Extend style), see `read_activity_file`.
+- `EndoVis18`: the MICCAI 2018 Robotic Scene Segmentation release, `root/seq_N/left_frames/frameXXX.png`, segmented
+  as MTLEndovis does by default (the 7 instrument types of `ENDOVIS18_INSTRUMENTS`, index masks in
+  `root/seq_N/instruments/`), or by the challenge's 12 scene classes (colour masks in `root/seq_N/labels/`, mapped by
+  `ENDOVIS18_COLORS`); activity labels come from a separate file (EndoVis-18-VQLA-Extend style), see
+  `read_activity_file`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
@@ -54,6 +56,20 @@ ENDOVIS18_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("small-intestine", (124, 155, 5)),
     ("ultrasound-probe", (12, 255, 141)),
 )
+# EndoVis-18 instrument types: background + the 7 instrument classes MTLEndovis segments (EndoARSS section IV-A).
+# Index order of the instrument-type masks released for EndoVis-18 by ISINet (Gonzalez et al., MICCAI 2020), which
+# are grey index PNGs, one per labelled frame; the EndoVis-18 challenge itself only labels scene classes.
+ENDOVIS18_INSTRUMENTS: tuple[str, ...] = (
+    "background",
+    "bipolar_forceps",
+    "prograsp_forceps",
+    "large_needle_driver",
+    "monopolar_curved_scissors",
+    "ultrasound_probe",
+    "suction_instrument",
+    "clip_applier",
+)
+ENDOVIS18_MASK_DIRS = {"instrument": "instruments", "scene": "labels"}
 # The 12 MTLEndovis activities (EndoARSS section IV-A, from EndoVis-18-VQLA-Extend), in the paper's order.
 ENDOVIS18_ACTIVITIES: tuple[str, ...] = (
     "cauterization",
@@ -182,6 +198,17 @@ class _CachedDataset(abc.ABC):
         activity, name = self._meta(index)
         sample: Sample = {"image": image, "mask": mask, "activity": activity, "name": name}
         return self.transform(sample) if self.transform is not None else sample
+
+    def keep_evenly_spaced(self, limit: int) -> None:
+        """Keep `limit` samples at evenly spaced positions (samples are grouped by activity, so every activity keeps
+        its share); must be called before any sample is read."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"data.limit={limit!r} must be a positive number of frames (or null for all)")
+        if self._cache:
+            raise RuntimeError("keep_evenly_spaced() after samples were read would mix cached indices; call it first")
+        if limit < len(self.samples):
+            positions = np.linspace(0, len(self.samples) - 1, limit).round().astype(int)
+            self.samples = [self.samples[i] for i in positions]
 
     @property
     def activities(self) -> list[int]:
@@ -387,10 +414,13 @@ def read_activity_file(
 
 
 class EndoVis18(_CachedDataset):
-    """EndoVis-18 scene segmentation frames with activity labels.
+    """EndoVis-18 frames with activity labels and instrument-type (MTLEndovis) or scene segmentation masks.
 
     The frames listed in `activity_file` for `split_sequences` form the dataset (frames without an activity label
-    are skipped); each must have `seq_N/left_frames/frameXXX.png` and `seq_N/labels/frameXXX.png`.
+    are skipped); each must have `seq_N/left_frames/frameXXX.png` and its mask: `seq_N/instruments/frameXXX.png`
+    (grey index PNG over `ENDOVIS18_INSTRUMENTS`, the 7 instrument classes + background that MTLEndovis segments)
+    for `segmentation="instrument"`, or the challenge's colour mask `seq_N/labels/frameXXX.png` over the 12
+    `ENDOVIS18_COLORS` scene classes for `segmentation="scene"`.
 
     Args:
         root: folder holding the `seq_N` folders.
@@ -398,6 +428,7 @@ class EndoVis18(_CachedDataset):
         activity_file: CSV or JSON activity labels (see `read_activity_file`).
         transform: callable applied to every sample dict.
         activity_classes: class names when the file does not name them (default: the 12 MTLEndovis activities).
+        segmentation: "instrument" (MTLEndovis, default) or "scene" (the challenge's 12 classes).
         cache: keep decoded arrays in memory.
     """
 
@@ -409,23 +440,30 @@ class EndoVis18(_CachedDataset):
         transform: Transform | None = None,
         *,
         activity_classes: Sequence[str] | None = None,
+        segmentation: Literal["instrument", "scene"] = "instrument",
         cache: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.transform, self.cache = transform, cache
+        if segmentation not in ENDOVIS18_MASK_DIRS:
+            raise ValueError(f"EndoVis-18 segmentation={segmentation!r}; choose one of {sorted(ENDOVIS18_MASK_DIRS)}")
         if not self.root.is_dir():
             raise FileNotFoundError(f"EndoVis-18 folder {self.root} not found")
         classes, labels = read_activity_file(activity_file, activity_classes)
         self.activity_classes = classes
-        self.colors = tuple(c for _, c in ENDOVIS18_COLORS)
+        self.segmentation = segmentation
+        if segmentation == "scene":
+            self.colors: tuple[tuple[int, int, int], ...] | None = tuple(c for _, c in ENDOVIS18_COLORS)
+            seg_task = TaskSpec("segmentation", "segmentation", tuple(n for n, _ in ENDOVIS18_COLORS), self.colors)
+        else:
+            self.colors = None
+            seg_task = TaskSpec("segmentation", "segmentation", ENDOVIS18_INSTRUMENTS)
         self.labels = LabelSpec(
-            tasks=(
-                TaskSpec("activity", "classification", classes),
-                TaskSpec("segmentation", "segmentation", tuple(n for n, _ in ENDOVIS18_COLORS), self.colors),
-            ),
-            source={"dataset": "EndoVis-18", "activity_file": str(activity_file)},
+            tasks=(TaskSpec("activity", "classification", classes), seg_task),
+            source={"dataset": "EndoVis-18", "activity_file": str(activity_file), "segmentation": segmentation},
         )
+        mask_dir = ENDOVIS18_MASK_DIRS[segmentation]
         self.samples: list[tuple[Path, Path, int, str]] = []
         for seq in split_sequences:
             seq_dir = self.root / f"seq_{int(seq)}"
@@ -437,7 +475,7 @@ class EndoVis18(_CachedDataset):
                 logger.warning("%s has no activity labels in %s; skipped", seq_dir, activity_file)
             for _, frame in keys:
                 image_path = seq_dir / "left_frames" / f"frame{frame:03d}.png"
-                mask_path = seq_dir / "labels" / f"frame{frame:03d}.png"
+                mask_path = seq_dir / mask_dir / f"frame{frame:03d}.png"
                 for p in (image_path, mask_path):
                     if not p.is_file():
                         raise FileNotFoundError(f"{activity_file} labels seq_{seq} frame {frame}, but {p} is missing")
@@ -448,7 +486,16 @@ class EndoVis18(_CachedDataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path, _, _ = self.samples[index]
         image = read_image(image_path)
-        mask = colors_to_index(read_color_mask(mask_path), self.colors, str(mask_path))
+        if self.colors is not None:
+            mask = colors_to_index(read_color_mask(mask_path), self.colors, str(mask_path))
+        else:
+            mask = read_index_mask(mask_path)
+            if mask.max(initial=0) >= len(ENDOVIS18_INSTRUMENTS):
+                raise ValueError(
+                    f"instrument mask {mask_path} holds value {int(mask.max())}, outside 0.."
+                    f"{len(ENDOVIS18_INSTRUMENTS) - 1} ({', '.join(ENDOVIS18_INSTRUMENTS)}); scene colour masks need "
+                    "data.endovis18_segmentation=scene"
+                )
         _check_sizes(image, mask, image_path, mask_path)
         return image, mask
 
@@ -461,12 +508,24 @@ ENDOVIS18_ACTIVITY_FILES = ("activities.csv", "activities.json")
 def open_dataset_at(root: Path | str, cfg: DataConfig, split: str) -> EndoARSSFolder | EndoVis18:
     """The dataset of `split` under `root` in the format `cfg.format`.
 
-    `endoarss`: `root/<split>/...` with `root/labels.json`. `endovis18`: `root/splits.json` maps split names to
+    `data.limit` keeps that many evenly spaced frames (`keep_evenly_spaced`). `endoarss`: `root/<split>/...` with
+    `root/labels.json`, masks shifted by `data.mask_offset`. `endovis18`: `root/splits.json` maps split names to
     sequence lists (`{"train": [1, 2, ...], "val": [...]}`) and `root/activities.csv` (or `.json`) holds the labels.
     """
-    root = Path(root)
+    dataset = _open_format(Path(root), cfg, split)
+    if cfg.limit is not None:
+        dataset.keep_evenly_spaced(cfg.limit)
+    return dataset
+
+
+def _open_format(root: Path, cfg: DataConfig, split: str) -> EndoARSSFolder | EndoVis18:
     if cfg.format == "endoarss":
-        return EndoARSSFolder(root, split, cache=cfg.cache)
+        return EndoARSSFolder(root, split, cache=cfg.cache, mask_offset=cfg.mask_offset)
+    if cfg.mask_offset:
+        raise ValueError(
+            f"data.mask_offset={cfg.mask_offset} applies to index masks (data.format=endoarss); EndoVis-18 colour "
+            "masks are mapped by colour, so set data.mask_offset=0"
+        )
     if cfg.format == "endovis18":
         splits_path = root / ENDOVIS18_SPLITS_FILE
         if not splits_path.is_file():
@@ -480,7 +539,7 @@ def open_dataset_at(root: Path | str, cfg: DataConfig, split: str) -> EndoARSSFo
         activity_file = next((root / n for n in ENDOVIS18_ACTIVITY_FILES if (root / n).is_file()), None)
         if activity_file is None:
             raise FileNotFoundError(f"no activity labels in {root}: add one of {ENDOVIS18_ACTIVITY_FILES}")
-        return EndoVis18(root, splits[split], activity_file, cache=cfg.cache)
+        return EndoVis18(root, splits[split], activity_file, segmentation=cfg.endovis18_segmentation, cache=cfg.cache)
     raise ValueError(f"data.format {cfg.format!r} is not supported; choose 'endoarss' or 'endovis18'")
 
 

@@ -202,6 +202,28 @@ class ActivityHead(nn.Module):
         return x if pre_logits else self.fc(x)  # B K
 
 
+class ProjectedHead(nn.Module):
+    """A 1x1 conv from the feature width to `width`, then `head`: the same head on a narrower feature map.
+
+    Lets a model whose features are wider than another's use heads of the same shape (e.g. the LoRA baseline of
+    `endostream bench train` at BDTA's MoTE width), so head parameters compare like for like.
+    """
+
+    def __init__(self, in_channels: int, width: int, head: nn.Module) -> None:
+        """
+        Args:
+            in_channels: feature width D.
+            width: the width `head` reads.
+            head: a `SegmentationHead` or `ActivityHead` built for `width` input channels.
+        """
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=1)
+        self.head = head
+
+    def forward(self, features: Tensor, **kwargs) -> Tensor:
+        return self.head(self.proj(features), **kwargs)  # B D h w -> B width h w -> head
+
+
 def run_task_heads(
     heads: nn.ModuleDict, task_kinds: dict[str, str], features: dict[str, Tensor], size: tuple[int, int]
 ) -> dict[str, Tensor]:
