@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -165,7 +166,8 @@ class InferenceService:
             raise
         frame = {"id": frame_id, "timestamp": None, "captured_at": None, "width": decoded.width,
                  "height": decoded.height, "dropped_before": 0, "frame_jpeg": None}  # fmt: skip
-        return await self._finish(decoded, batch, frame, options, timings, source, decoded.frame)
+        build = functools.partial(self._build, decoded, batch, frame, options, timings, decoded.frame)
+        return await self._finish(build, options, timings, source)
 
     async def infer_array(
         self, image: np.ndarray, frame: dict[str, Any], options: InferOptions, *, source: str = "stream"
@@ -173,7 +175,8 @@ class InferenceService:
         """Run an already decoded RGB frame (stream readers decode in their own threads); `frame` is its info."""
         timings = Timings()
         decoded, batch = await self._through_engine(self._resize, (image, timings), timings)
-        return await self._finish(decoded, batch, frame, options, timings, source, image)
+        build = functools.partial(self._build, decoded, batch, frame, options, timings, image)
+        return await self._finish(build, options, timings, source)
 
     async def _through_engine(
         self, prepare: Callable[..., Decoded], args: tuple[Any, ...], timings: Timings
@@ -207,22 +210,13 @@ class InferenceService:
             self.batcher.arrived()
 
     async def _finish(
-        self,
-        decoded: Decoded,
-        batch: BatchResult,
-        frame: dict[str, Any],
-        options: InferOptions,
-        timings: Timings,
-        source: str,
-        pixels: np.ndarray | None,
+        self, build: Callable[[], Outcome], options: InferOptions, timings: Timings, source: str
     ) -> Outcome:
+        """The result inline on the event loop, or in a worker when it touches every frame pixel."""
         if options.needs_frame_pixels:
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(
-                self.pool, self._build, decoded, batch, frame, options, timings, pixels
-            )
+            outcome = await asyncio.get_running_loop().run_in_executor(self.pool, build)
         else:
-            outcome = self._build(decoded, batch, frame, options, timings, pixels)
+            outcome = build()
         self._observe(timings, source)
         return outcome
 
