@@ -137,11 +137,18 @@ def class_fractions(
     """
     h, w = mask.shape
     height, width = height or h, width or w
+    counts = np.bincount(mask.ravel(), weights=_pixel_weights(h, w, height, width), minlength=num_classes)
+    return counts[:num_classes] / float(height * width)
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_weights(h: int, w: int, height: int, width: int) -> np.ndarray:
+    """Output pixels each source pixel of an h x w map stands for at height x width (one per stream's frame size)."""
     rows = np.bincount(_nearest_exact_sources(h, height), minlength=h)
     cols = np.bincount(_nearest_exact_sources(w, width), minlength=w)
     weights = np.outer(rows, cols).ravel().astype(np.float64)
-    counts = np.bincount(mask.ravel(), weights=weights, minlength=num_classes)[:num_classes]
-    return counts / float(height * width)
+    weights.flags.writeable = False  # shared by every call for this size
+    return weights
 
 
 @functools.lru_cache(maxsize=64)
