@@ -57,7 +57,8 @@ class ServiceMetrics:
         self.queue_depth = Gauge("endostream_queue_depth", "Frames waiting for the engine.", registry=r)
         self.rejected = Counter(
             "endostream_rejected_total",
-            "Requests or frames refused, by reason (queue_full, too_large, bad_input, unauthorized, forbidden_source).",
+            "Requests or frames refused, by reason (queue_full, too_large, bad_input, unauthorized, forbidden_source, "
+            "too_many_streams).",
             ["reason"],
             registry=r,
         )
@@ -107,7 +108,7 @@ class ServiceMetrics:
             for outcome in ("processed", "dropped", "failed"):
                 self.frames.labels(outcome, source)
             self.dropped.labels("stale", source)
-        for reason in ("queue_full", "too_large", "bad_input", "unauthorized", "forbidden_source"):
+        for reason in ("queue_full", "too_large", "bad_input", "unauthorized", "forbidden_source", "too_many_streams"):
             self.rejected.labels(reason)
 
     def forget_stream(self, stream: str) -> None:
