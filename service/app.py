@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +21,7 @@ from service.bundle import load_bundle
 from service.engines import open_engine, warm_up
 from service.engines.base import Engine, EngineOptions
 from service.errors import ServiceError
+from service.lifecycle import watch_engine
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from service.routes import frames, health, streams, viewer, websocket
@@ -75,9 +78,14 @@ def build_state(settings: Settings) -> AppState:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.endostream
     state.batcher.start()
+    # `on_fatal` is read when the engine fails, not now: `endostream serve` sets it after building the app
+    watcher = asyncio.create_task(watch_engine(state.batcher, lambda: state.on_fatal() if state.on_fatal else None))
     try:
         yield
     finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         state.streams_api.close()
         state.batcher.stop()
         state.service.close()

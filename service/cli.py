@@ -60,15 +60,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError(f"invalid settings (ENDOSTREAM_* variables or flags): {problems}") from None
 
 
-def run_serve(settings: Settings) -> None:
-    """Serve until interrupted. Raises FileNotFoundError/ValueError for a missing or broken bundle."""
+def run_serve(settings: Settings) -> int:
+    """Serve until interrupted; the exit status: 0 after a graceful shutdown (SIGTERM included), 1 when the engine
+    failed to start. Raises FileNotFoundError/ValueError for a missing or broken bundle."""
     import uvicorn
 
     from service.app import create_app
+    from service.lifecycle import GracefulServer, exit_zero_on_sigterm
 
     app = create_app(settings)
-    logger.info("serving %s on http://%s:%d (docs /docs, viewer /)", settings.bundle, settings.host, settings.port)
-    uvicorn.run(
+    state = app.state.endostream
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -77,3 +79,9 @@ def run_serve(settings: Settings) -> None:
         ws_max_size=settings.max_upload_bytes,
         timeout_graceful_shutdown=5,
     )
+    server = GracefulServer(config, on_shutdown=state.streams_api.drain)
+    state.on_fatal = server.request_exit
+    logger.info("serving %s on http://%s:%d (docs /docs, viewer /)", settings.bundle, settings.host, settings.port)
+    with exit_zero_on_sigterm():
+        server.run()
+    return 1 if state.batcher.startup_error is not None else 0
