@@ -67,7 +67,10 @@ def run_serve(settings: Settings) -> int:
 
     from service.app import create_app
     from service.lifecycle import GracefulServer, exit_zero_on_sigterm
+    from service.logfilter import redact_root_handlers, uvicorn_log_config
 
+    secrets = [settings.api_token] if settings.api_token else []
+    redact_root_handlers(secrets)
     app = create_app(settings)
     state = app.state.endostream
     config = uvicorn.Config(
@@ -75,6 +78,7 @@ def run_serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(secrets),  # masks ?token= in handshake and access lines
         access_log=False,  # per-request lines at 30 fps drown the log; /metrics has the numbers
         ws_max_size=settings.max_upload_bytes,
         timeout_graceful_shutdown=5,
