@@ -18,6 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from tests.reliability import START_S
 from tests.service.conftest import TOKEN, encode
 from tests.service.metrics_text import scrape, value
 from tests.service.server import ServerProcess
@@ -29,7 +30,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def service(endoarss_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     env = {"ENDOSTREAM_API_TOKEN": TOKEN, "ENDOSTREAM_LOG_LEVEL": "debug"}
-    proc = ServerProcess(endoarss_bundle, env=env).start(tmp_path_factory.mktemp("contract"))
+    proc = ServerProcess(endoarss_bundle, env=env).start(tmp_path_factory.mktemp("contract"), timeout=START_S)
     yield proc
     proc.stop()
 

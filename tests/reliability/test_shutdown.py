@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.reliability import START_S
 from tests.service.rtsp import RtspServer, rtsp_unavailable
 from tests.service.server import ServerProcess
 
@@ -33,7 +34,7 @@ def test_sigterm_ends_streams_with_their_final_line_and_exits_0(
     camera: RtspServer, endoarss_bundle: Path, tmp_path: Path
 ) -> None:
     env = {"ENDOSTREAM_STREAM_ALLOWLIST": f"rtsp://127.0.0.1:{camera.port}/"}
-    service = ServerProcess(endoarss_bundle, env=env).start(tmp_path)
+    service = ServerProcess(endoarss_bundle, env=env).start(tmp_path, timeout=START_S)
     outputs: list[list[dict]] = [[] for _ in range(STREAMS)]
 
     def consume(lines: list[dict]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from service.streams.backends import SourceError, open_source
+from tests.reliability import START_S
 from tests.reliability.loopback import HttpOrigin, Sink, hls_playlist, redirect_to, serve_bytes
 from tests.service.server import ServerProcess
 
@@ -100,11 +102,18 @@ def test_service_streams_never_reach_the_sink(
         "ENDOSTREAM_STREAM_READ_TIMEOUT_S": "1",
     }
     before = sink.hits
-    with ServerProcess(endoarss_bundle, env=env).start(tmp_path) as service:
-        for url in _sources(origin, playlists):
-            with httpx.stream("POST", f"{service.url}/infer", json={"source": url, "max_seconds": 8}, timeout=20) as r:
-                assert r.status_code == 200, r.read()
-                lines = [json.loads(line) for line in r.iter_lines() if line]
+    with ServerProcess(endoarss_bundle, env=env).start(tmp_path, timeout=START_S) as service:
+
+        def stream(url: str) -> list[dict]:
+            body = {"source": url, "max_seconds": 8}
+            with httpx.stream("POST", f"{service.url}/infer", json=body, timeout=20) as reply:
+                assert reply.status_code == 200, reply.read()
+                return [json.loads(line) for line in reply.iter_lines() if line]
+
+        sources = _sources(origin, playlists)
+        with ThreadPoolExecutor(len(sources)) as pool:  # all at once: each waits for three failed opens
+            results = dict(zip(sources, pool.map(stream, sources), strict=True))
+        for url, lines in results.items():
             assert lines[-1]["end"]["reason"] == "unreachable", (url, lines[-1])
             assert not any("activity" in line for line in lines), f"{url}: frames came from outside the allowlist"
         # the sink's host is not allowlisted at all: asked for directly, it is refused before anything opens

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.reliability import START_S
 from tests.reliability.loopback import BlackHole, closed_port
 from tests.service.rtsp import RtspServer, ensure_h264, rtsp_unavailable
 from tests.service.server import ServerProcess
@@ -65,7 +66,7 @@ def service(
         "ENDOSTREAM_STREAM_READ_TIMEOUT_S": "2",
         "ENDOSTREAM_MAX_STREAMS": str(MAX_STREAMS),
     }
-    proc = ServerProcess(endoarss_bundle, env=env).start(tmp_path_factory.mktemp("isolation"))
+    proc = ServerProcess(endoarss_bundle, env=env).start(tmp_path_factory.mktemp("isolation"), timeout=START_S)
     yield proc
     proc.stop()
 
@@ -80,6 +81,16 @@ def _keep_opening(url: str, source: str, stop: threading.Event) -> None:
                         break
                 if r.status_code == 429:
                     time.sleep(0.2)
+
+
+def _stop_all(url: str, clients: list[threading.Thread]) -> None:
+    """Delete every stream (ending the dead-camera responses) until the client threads have all returned."""
+    deadline = time.monotonic() + 15
+    while any(c.is_alive() for c in clients) or httpx.get(f"{url}/streams").json():
+        assert time.monotonic() < deadline, "streams of the previous test are still open"
+        for stream in httpx.get(f"{url}/streams").json():
+            httpx.delete(f"{url}/streams/{stream['id']}")
+        time.sleep(0.1)
 
 
 def test_live_stream_keeps_its_rate_beside_seven_dead_cameras(service: ServerProcess, camera: RtspServer, dead):
@@ -104,6 +115,7 @@ def test_live_stream_keeps_its_rate_beside_seven_dead_cameras(service: ServerPro
                     break
     finally:
         stop.set()
+        _stop_all(service.url, clients)
     start = stamps[0] + WARM_UP_S
     fps = sum(start <= t < start + WINDOW_S for t in stamps) / WINDOW_S
     print(f"live stream beside {len(dead)} dead cameras: {fps:.1f} fps (dead streams open: {busy})")
@@ -162,7 +174,8 @@ def _timed_healthz(client: httpx.Client) -> float:
 def test_max_streams_answers_429_naming_the_setting(service: ServerProcess, holes) -> None:
     source = f"rtsp://127.0.0.1:{holes[3].port}/cam"
     with httpx.Client(base_url=service.url, timeout=10) as client, contextlib.ExitStack() as open_streams:
-        for _ in range(MAX_STREAMS - len(client.get("/streams").json())):
+        assert client.get("/streams").json() == []
+        for _ in range(MAX_STREAMS):
             reply = open_streams.enter_context(client.stream("POST", "/infer", json={"source": source}))
             assert reply.status_code == 200
         refused = client.post("/infer", json={"source": source})
