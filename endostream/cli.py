@@ -196,8 +196,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     clips = (args.workdir / "data" / "videos").resolve()
     settings = Settings(bundle=bundle, port=args.port, stream_allowlist=[f"file:{clips}/"])
     logger.info("viewer: http://127.0.0.1:%d/  (stream source to try: file:%s/clip_000.mp4)", args.port, clips)
-    run_serve(settings)
-    return 0
+    return run_serve(settings)
 
 
 # -------------------------------------------------------------------------------------------------------- export
@@ -578,8 +577,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from service.cli import run_serve, settings_from_args
 
-    run_serve(settings_from_args(args))
-    return 0
+    return run_serve(settings_from_args(args))
 
 
 def _version() -> str:

@@ -3,23 +3,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import cv2
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from service.batcher import Batcher
 from service.bundle import load_bundle
 from service.decoding import make_decoder
+from service.deps import websocket_authorized
 from service.engines import open_engine, warm_up
 from service.engines.base import Engine, EngineOptions
 from service.errors import ServiceError
+from service.lifecycle import watch_engine
 from service.metrics import ServiceMetrics
 from service.middleware import (
     BodyLimitMiddleware,
@@ -27,7 +32,7 @@ from service.middleware import (
     MetricsMiddleware,
     RequestIdMiddleware,
 )
-from service.routes import frames, health, streams, viewer, websocket
+from service.routes import docs, frames, health, streams, viewer, websocket
 from service.serving import InferenceService
 from service.settings import Settings
 from service.state import AppState
@@ -93,9 +98,14 @@ def build_state(settings: Settings) -> AppState:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.endostream
     state.batcher.start()
+    # `on_fatal` is read when the engine fails, not now: `endostream serve` sets it after building the app
+    watcher = asyncio.create_task(watch_engine(state.batcher, lambda: state.on_fatal() if state.on_fatal else None))
     try:
         yield
     finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         state.streams_api.close()
         state.batcher.stop()
         state.service.close()
@@ -113,6 +123,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary=f"Surgical activity and segmentation for endoscope frames: {manifest.name} ({manifest.family})",
         description="Assistive only: results support, never replace, the surgeon's judgement.",
         lifespan=lifespan,
+        # with a token, the schema and its pages are served by routes/docs.py behind it instead
+        openapi_url=None if settings.api_token else "/openapi.json",
+        docs_url=None if settings.api_token else "/docs",
+        redoc_url=None if settings.api_token else "/redoc",
     )
     app.state.endostream = state
     app.include_router(health.router)
@@ -120,11 +134,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(websocket.router)
     app.include_router(streams.router)
     app.include_router(viewer.router)
+    if settings.api_token:
+        app.include_router(docs.router)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, err: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(err.retry_after)} if hasattr(err, "retry_after") else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        # Starlette's own errors (unknown route, wrong method, malformed multipart) in the one error shape
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        body = {"error": {"code": code, "message": str(err.detail)}}
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def websocket_validation_error(websocket: WebSocket, err: WebSocketRequestValidationError) -> None:
+        # FastAPI closes before the handshake, which clients see as HTTP 403, the same as a bad token. An authorized
+        # client instead gets the handshake, the error body naming the parameter, then close 1008.
+        if not websocket_authorized(websocket):
+            await websocket.close(code=1008, reason="unauthorized: send Authorization: Bearer or ?token=")
+            return
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"][1:]) or str(first["loc"][0])
+        await websocket.accept()
+        await websocket.send_json(
+            {"error": {"code": "invalid_parameter", "message": f"{param}: {first['msg']}", "param": param}}
+        )
+        await websocket.close(code=1008, reason=f"invalid parameter {param}"[:120])
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SUPPORTED_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
@@ -25,10 +25,10 @@ class InputSpec(BaseModel):
     name: str
     layout: Literal["NHWC"]
     dtype: Literal["uint8"]
-    height: int
-    width: int
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
     color_order: Literal["RGB"]
-    max_batch: int | None = None
+    max_batch: int | None = Field(None, gt=0)
 
 
 class TaskSpec(BaseModel):
@@ -127,9 +127,20 @@ def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
         raise ValueError(f"{manifest_path}: format_version {version!r} is not supported (expected {SUPPORTED_FORMAT})")
     try:
         manifest = ManifestModel.model_validate(raw)
-    except ValidationError as err:
-        raise ValueError(f"{manifest_path} is malformed: {err}") from err
+    except ValidationError as err:  # one line per bad field (pydantic's own text spans several lines per error)
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']} (got {e.get('input')!r:.80})"
+            for e in err.errors()
+        )
+        raise ValueError(f"{manifest_path} is malformed: {problems}; re-export the bundle") from err
     bundle = Bundle(path, manifest, raw)
+    if not bundle.model_path.resolve().is_relative_to(path.resolve()):
+        # The hash check only proves the manifest and the graph agree; a bundle that may name any file on the box
+        # would let whoever writes manifests load (and hash-pin) a graph from anywhere.
+        raise ValueError(
+            f"{manifest_path}: model_file {manifest.model_file!r} points outside the bundle folder {path}; copy the "
+            'graph into the bundle and name it relative to it (e.g. "model.onnx")'
+        )
     if not bundle.model_path.is_file():
         raise FileNotFoundError(f"{manifest_path} names {manifest.model_file}, which is missing from {path}")
     if verify and sha256_file(bundle.model_path) != manifest.model_sha256:

@@ -17,6 +17,11 @@ class ServiceError(Exception):
         self.param = param
         self.value = value
 
+    def headers(self) -> dict[str, str] | None:
+        """Response headers the status calls for (Retry-After, WWW-Authenticate)."""
+        retry_after = getattr(self, "retry_after", None)
+        return {"Retry-After": str(retry_after)} if retry_after is not None else None
+
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.param is not None:
@@ -47,6 +52,9 @@ class UnsupportedMediaType(ServiceError):
 class Unauthorized(ServiceError):
     status = 401
 
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": 'Bearer realm="endostream"'}  # RFC 6750 section 3: required on a 401
+
 
 class Forbidden(ServiceError):
     status = 403
@@ -54,6 +62,16 @@ class Forbidden(ServiceError):
 
 class NotFound(ServiceError):
     status = 404
+
+
+class TooManyStreams(ServiceError):
+    """ENDOSTREAM_MAX_STREAMS streams are already open: a client error (429), not a server fault."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__("too_many_streams", message, param="source")
+        self.retry_after = retry_after
 
 
 class Overloaded(ServiceError):

@@ -21,7 +21,8 @@ LATENCY_BUCKETS = tuple(
 )
 AGE_BUCKETS = tuple(sorted(set(LATENCY_BUCKETS) | {0.0833, 0.2, 0.3}))
 REJECT_REASONS = (
-    "queue_full", "too_large", "body_timeout", "bodies_in_flight", "bad_input", "unauthorized", "forbidden_source"
+    "queue_full", "too_large", "body_timeout", "bodies_in_flight", "bad_input", "unauthorized", "forbidden_source",
+    "too_many_streams",
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
 from service.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the request": recorded, never sent
 
 
 class RequestIdMiddleware:
@@ -61,6 +67,12 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_record)
+        except ClientDisconnect:
+            # The client went away (mid-upload, or while a stream was being written): nothing is wrong with the
+            # server, so no traceback and no 5xx sample to feed the error-ratio alert.
+            if not streamed["ndjson"]:
+                status["code"] = CLIENT_CLOSED
+            logger.info("client disconnected: %s %s", scope["method"], scope.get("path", ""))
         finally:
             self.metrics.in_flight.dec()
             route = scope.get("route")

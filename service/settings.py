@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_streams: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="live sources read at once; each holds a decoder thread and a waiting thread of its own, so "
+        "streams never queue behind each other (beyond it: 429)",
+    )
 
     @field_validator("stream_allowlist", "cors_origins", mode="before")
     @classmethod

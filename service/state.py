@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,3 +21,4 @@ class AppState:
     batcher: Batcher
     service: InferenceService
     streams_api: Any  # service.streaming.StreamsApi (typed loosely: it imports the serving layer)
+    on_fatal: Callable[[], None] | None = None  # set by `endostream serve`: stop serving (the engine cannot start)

@@ -11,19 +11,22 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 
-from service.errors import BadInput, Forbidden, ServiceError
+from service.errors import BadInput, Forbidden, NotReady, ServiceError, TooManyStreams
 from service.metrics import ServiceMetrics
 from service.schemas import StreamInfo, StreamRequest
 from service.serving import InferenceService, InferOptions
 from service.settings import Settings
 from service.streams.reader import FINAL_STATES, ReaderOptions
 from service.streams.registry import StreamNotFound, StreamRegistry
+from service.streams.registry import TooManyStreams as RegistryFull
 from service.streams.sources import SourceNotAllowed
 
 logger = logging.getLogger(__name__)
@@ -62,15 +65,30 @@ class StreamsApi:
         self.registry = StreamRegistry(
             settings.stream_allowlist,
             listener=_MetricsListener(metrics),
+            max_streams=settings.max_streams,
             default_options=ReaderOptions(
                 backend=settings.stream_backend,
                 open_timeout=settings.stream_open_timeout_s,
                 read_timeout=settings.stream_read_timeout_s,
             ),
         )
+        # Each stream waits for its next frame in a thread of this pool, one at a time, so max_streams threads mean
+        # no stream ever queues behind another (asyncio.to_thread's shared default pool has cpu+4 threads: seven
+        # dead cameras polling there held back a live stream to 8 fps).
+        self._waits = ThreadPoolExecutor(settings.max_streams, thread_name_prefix="stream-wait")
+        self._closing = threading.Event()
+
+    def drain(self) -> None:
+        """Shutdown begins: every stream ends with its final line (reason "shutdown"); new ones are refused."""
+        self._closing.set()
+        for snapshot in self.registry.list():
+            with contextlib.suppress(StreamNotFound):
+                self.registry.remove(snapshot.id, timeout=0)
 
     def close(self) -> None:
+        self._closing.set()
         self.registry.close_all()
+        self._waits.shutdown(wait=False, cancel_futures=True)
 
     def snapshot(self) -> list[StreamInfo]:
         # The registry's snapshots are already redacted and rounded; the schema has the same fields.
@@ -78,8 +96,8 @@ class StreamsApi:
 
     def stop(self, stream_id: str) -> bool:
         """Stop a stream; False when no stream has this id."""
-        try:
-            self.registry.remove(stream_id)
+        try:  # timeout=0: signal the reader and return; joining it here would block the event loop (~1 s)
+            self.registry.remove(stream_id, timeout=0)
         except StreamNotFound:
             return False
         return True
@@ -102,8 +120,13 @@ class StreamsApi:
 
     async def open(self, request: StreamRequest, options: InferOptions) -> AsyncIterator[bytes]:
         """Check the source and start its reader (errors here become a normal JSON error reply), then stream."""
+        if self._closing.is_set():
+            raise NotReady("the service is shutting down; open the stream again in a moment (or on another instance)")
         try:
             stream_id = self.registry.add(request.source)
+        except RegistryFull as err:
+            self.metrics.rejected.labels("too_many_streams").inc()
+            raise TooManyStreams(str(err)) from None
         except SourceNotAllowed as err:
             self.metrics.rejected.labels("forbidden_source").inc()
             raise Forbidden("source_not_allowed", str(err), param="source") from None
@@ -125,26 +148,32 @@ class StreamsApi:
         next_due = 0.0
         period = 1.0 / request.fps if request.fps else 0.0
         reason = "ended"
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                if self._closing.is_set():
+                    reason = "shutdown"
+                    break
                 if request.max_frames is not None and produced >= request.max_frames:
                     reason = "max_frames"
                     break
                 if request.max_seconds is not None and time.monotonic() - started >= request.max_seconds:
                     reason = "max_seconds"
                     break
-                frame = await asyncio.to_thread(reader.get, POLL_S, last_index)
+                wait = next_due - time.monotonic()
+                if wait > 0:  # over the requested rate: sleep until the next frame is due, then take the newest
+                    await asyncio.sleep(min(wait, POLL_S))
+                    continue
+                frame = await loop.run_in_executor(self._waits, reader.get, POLL_S, last_index)
                 if frame is None:
                     stats = reader.stats()
-                    if stats.state in FINAL_STATES:
-                        reason = stats.state
+                    if stats.state in FINAL_STATES:  # a reader stopped by drain() ends the stream for shutdown
+                        reason = "shutdown" if self._closing.is_set() else stats.state
                         break
                     if produced == 0 and stats.frames_read == 0 and stats.consecutive_failures >= UNREACHABLE_AFTER:
                         reason = "unreachable"  # a live source that never answered: tell the client, do not hang
                         break
                     continue
-                if period and time.monotonic() < next_due:
-                    continue  # over the requested rate: skip this one, the next is newer anyway
                 next_due = time.monotonic() + period
                 dropped = frame.index - last_index - 1 if last_index >= 0 else frame.index
                 last_index = frame.index

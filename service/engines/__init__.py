@@ -26,6 +26,7 @@ __all__ = [
     "EngineOptions",
     "EngineUnavailable",
     "available_backends",
+    "check_outputs",
     "open_engine",
     "warm_up",
 ]
@@ -82,11 +83,36 @@ def open_engine(
     Raises:
         EngineUnavailable: the backend cannot run here (the message says what to install or build); for "auto",
             none could, and every backend's reason is listed.
-        ValueError: an unknown backend name or device.
+        ValueError: an unknown backend name or device, or task outputs the graph lacks (`check_outputs`).
     """
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
-    options = options or EngineOptions()
+    engine = _open_any(bundle, backend, options or EngineOptions())
+    try:
+        check_outputs(bundle, engine)
+    except ValueError:
+        engine.close()
+        raise
+    return engine
+
+
+def check_outputs(bundle: Bundle, engine: Engine) -> None:
+    """ValueError naming every output the manifest's tasks read that the engine's graph does not produce.
+
+    Warm-up only runs the graph; without this check such a bundle would report ready and fail every request.
+    """
+    wanted = [t.output for t in bundle.manifest.tasks] + [
+        t.logits_output for t in bundle.manifest.tasks if t.logits_output
+    ]
+    missing = [name for name in wanted if name not in engine.output_names]
+    if missing:
+        raise ValueError(
+            f"{bundle.path}: the manifest's tasks read outputs {missing} that the graph lacks (it has "
+            f"{list(engine.output_names)}); fix the task `output` names in manifest.json or re-export the bundle"
+        )
+
+
+def _open_any(bundle: Bundle, backend: BackendName, options: EngineOptions) -> Engine:
     if backend != "auto":
         return _open(bundle, backend, options)
     reasons = []

@@ -14,9 +14,20 @@ from service.schemas import ErrorBody, Health
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz() -> Health:
-    return Health(status="ok")
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "the engine failed to start: restart or fix the bundle"}},
+    summary="Liveness: the process answers and its engine has not failed",
+)
+async def healthz(state: State) -> Response:
+    # A failed engine never becomes ready: report it here, so a liveness probe restarts the process (a supervisor
+    # that only watches /readyz would keep it forever). `endostream serve` exits in that case anyway.
+    error = state.batcher.startup_error
+    if error is not None:
+        body = Health(status="failed", detail=f"engine failed to start: {type(error).__name__}: {error}"[:500])
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump())
 
 
 @router.get(

@@ -16,6 +16,8 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 
+from service.streams.policy import ffmpeg_options, opencv_options
+
 logger = logging.getLogger(__name__)
 
 Backend = Literal["opencv", "pyav"]
@@ -59,19 +61,22 @@ def configure_opencv_ffmpeg() -> None:
     The variable is process-global and OpenCV reads it with getenv() on every open. Changing it while another
     thread opens a capture is a data race (setenv is not thread-safe in glibc), so it is written exactly once,
     under a lock, before any reader opens; call this at start-up if other code opens captures too. An operator's
-    own value is kept. The options also reach file and HTTP opens, where FFmpeg ignores the RTSP-only ones.
+    own value is kept, with the allowlist confinement (`policy.opencv_options`) appended: it is not optional. The
+    options also reach file and HTTP opens, where FFmpeg ignores the RTSP-only ones.
     """
     global _env_checked
     with _env_lock:
         if _env_checked:
             return
         current = os.environ.get(CAPTURE_OPTIONS_ENV)
+        confine = opencv_options()
         if current is None:
-            os.environ[CAPTURE_OPTIONS_ENV] = LOW_DELAY_OPTIONS
-        elif current != LOW_DELAY_OPTIONS:
+            os.environ[CAPTURE_OPTIONS_ENV] = f"{LOW_DELAY_OPTIONS}|{confine}"
+        elif confine not in current:
             logger.info(
                 "keeping the operator's %s=%r (recommended: %r)", CAPTURE_OPTIONS_ENV, current, LOW_DELAY_OPTIONS
             )
+            os.environ[CAPTURE_OPTIONS_ENV] = f"{current}|{confine}"  # later keys win in FFmpeg's dictionary
         _env_checked = True
 
 
@@ -124,7 +129,9 @@ class PyAVSource:
         import av  # optional backend: imported on use so OpenCV-only deployments need not ship PyAV
 
         self._av = av
-        options = {"fflags": "nobuffer"} if network else {}
+        options = ffmpeg_options(target)  # no redirect, playlist or other protocol: see streams/policy.py
+        if network:
+            options["fflags"] = "nobuffer"
         if target.startswith(("rtsp://", "rtsps://")):
             options["rtsp_transport"] = "tcp"
         try:

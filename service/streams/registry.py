@@ -18,6 +18,10 @@ from service.streams.status import State, StreamListener
 logger = logging.getLogger(__name__)
 
 
+class TooManyStreams(ValueError):
+    """`max_streams` streams are already being read."""
+
+
 class StreamNotFound(KeyError):
     """No stream has this id (it was removed, or never added)."""
 
@@ -80,9 +84,9 @@ class StreamRegistry:
         target = validate_source(url, self._allowlist)
         with self._lock:
             if self._max_streams is not None and len(self._entries) >= self._max_streams:
-                raise ValueError(
+                raise TooManyStreams(
                     f"already reading {len(self._entries)} streams (max_streams={self._max_streams}); "
-                    "remove one first or raise the limit"
+                    "remove one first (DELETE /streams/{id}) or raise ENDOSTREAM_MAX_STREAMS"
                 )
             stream_id = uuid.uuid4().hex[:12]
             while stream_id in self._entries:
