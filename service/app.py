@@ -38,6 +38,7 @@ def _engine_options(settings: Settings) -> EngineOptions:
         cuda_graphs=settings.cuda_graphs,
         max_batch=settings.max_batch,
         engine_cache=str(settings.engine_cache) if settings.engine_cache else None,
+        compile=settings.compile,
     )
 
 

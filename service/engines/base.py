@@ -14,6 +14,7 @@ import numpy as np
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 Device = Literal["auto", "cpu", "cuda"]
+CompileMode = Literal["off", "default", "max-autotune"]
 
 
 class EngineUnavailable(RuntimeError):
@@ -31,6 +32,8 @@ class EngineOptions:
         cuda_graphs: capture CUDA graphs for fixed batch sizes (torch and TensorRT on CUDA).
         max_batch: largest batch the service will send (sizes TensorRT profiles and CUDA graph captures).
         engine_cache: folder for built TensorRT engines (default: the bundle folder).
+        compile: torch backend only: "off" (the exported program as it is), "default" (`torch.compile` with
+            Inductor, weights frozen) or "max-autotune" (also benchmarks GEMM/conv kernels at first call: minutes).
     """
 
     device: Device = "auto"
@@ -39,6 +42,7 @@ class EngineOptions:
     cuda_graphs: bool = True
     max_batch: int = 8
     engine_cache: str | None = None
+    compile: CompileMode = "off"
 
 
 @runtime_checkable
@@ -51,7 +55,10 @@ class Engine(Protocol):
     output_names: tuple[str, ...]
 
     def run(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """frames: uint8 B x H x W x 3 (C-contiguous) -> graph outputs by name, batch-first numpy arrays."""
+        """frames: uint8 B x H x W x 3 (C-contiguous) -> graph outputs by name, batch-first numpy arrays.
+
+        The torch engine also takes a uint8 `torch.Tensor` (B x H x W x 3 or H x W x 3) on its device or the CPU.
+        """
         ...
 
     def close(self) -> None:
