@@ -293,6 +293,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--threads", type=int, default=0)
     stream.add_argument("--json", type=Path, required=True, help="where the results go")
     stream.set_defaults(func=_run_bench_stream)
+    ws = bench_sub.add_parser(
+        "ws", help="frames pushed over /ws/infer at a fixed fps: latency per frame, share within a frame period, drops"
+    )
+    ws.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the demo bundle)")
+    ws.add_argument("--frames", type=int, default=3000, help="timed frames (default 3000)")
+    ws.add_argument("--warmup", type=int, default=30, help="frames sent first and left out of the figures")
+    ws.add_argument("--fps", type=float, default=30.0, help="send rate; the frame period is 1/fps (default 30)")
+    ws.add_argument("--size", default="1920x1080", help="generated JPEG frame size WxH (default 1920x1080)")
+    ws.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated frames")
+    ws.add_argument("--mask", choices=["png", "rle", "none"], default="png")
+    ws.add_argument("--json", type=Path, required=True, help="where the results go")
+    ws.set_defaults(func=_run_bench_ws)
     training = bench_sub.add_parser("train", help="training cost of BDTA + MoTE vs LoRA + TESLA on the same backbone")
     training.add_argument(
         "--config", "--bdta-config", dest="bdta_config", default="bdta_vits14", help="BDTA config (default bdta_vits14)"
@@ -361,6 +373,22 @@ def _run_bench_http(args: argparse.Namespace) -> int:
     )
     report["frame_size"] = args.size
     _write_report(args.json, report, format_http(report))
+    return 0
+
+
+def _run_bench_ws(args: argparse.Namespace) -> int:
+    from service.bench_ws import bench_ws, format_ws
+
+    report = bench_ws(
+        _bench_bundle(args.bundle),
+        _bench_frames(args.size, args.quality),
+        count=args.frames,
+        fps=args.fps,
+        warmup=args.warmup,
+        mask=args.mask,
+    )
+    report["frame_size"] = args.size
+    _write_report(args.json, report, format_ws(report))
     return 0
 
 
