@@ -257,13 +257,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="bundle folders (from `endostream export onnx`); A+B runs both on every call (one graph per task)",
     )
-    engine.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch (default onnxruntime)")
+    engine.add_argument(
+        "--backend", default="onnxruntime", help="onnxruntime | torch | torch-program (default onnxruntime)"
+    )
     engine.add_argument("--precision", help="fp32 | fp16 | bf16 for torch (default fp32); onnxruntime: the bundle's")
     engine.add_argument(
         "--compare",
         nargs="+",
-        metavar="BACKEND[:PRECISION]",
-        help="several variants side by side, e.g. torch onnxruntime; ratios are against the first",
+        metavar="BACKEND[:PRECISION][:FLAG]",
+        help="several variants side by side, ratios against the first, e.g. torch onnxruntime, or "
+        "torch-program torch-program:fp16:graphs torch-program:bf16:graphs torch-program:fp16:graphs:compile. "
+        "torch = eager on the source checkpoint; torch-program = the bundle's model.pt2 in the service's engine, "
+        "flags graphs (CUDA graphs, --device cuda), compile or max-autotune (torch.compile)",
     )
     engine.add_argument("--json", type=Path, required=True, help="where the results go")
     engine.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="throughput batch sizes")

@@ -47,14 +47,6 @@ PROB_TOLERANCE = 1e-4
 MASK_AGREEMENT = 0.999
 
 
-@pytest.fixture(scope="session")
-def pt2_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle exported with its torch program (`--torch-program`)."""
-    out = tmp_path_factory.mktemp("pt2_bundle")
-    export_onnx(endoarss_ckpt, out, overwrite=True, torch_program=True)
-    return out
-
-
 def _compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray], prob_tol: float, mask_agree: float) -> None:
     assert got.keys() == want.keys()
     np.testing.assert_allclose(got["activity_probs"], want["activity_probs"], atol=prob_tol, rtol=0)
