@@ -1,4 +1,4 @@
-"""`endostream` command line: data, train, eval, ablate, demo, export, bench, serve.
+"""`endostream` command line: data, train, eval, ablate, demo, export, bench, gpu-check, serve.
 
 Each subcommand imports its package lazily, so `endostream serve` will never import torch and `--help` is instant.
 """
@@ -496,6 +496,24 @@ def _run_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- gpu-check
+def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
+    from endostream.gpu_check import add_arguments
+
+    check = sub.add_parser(
+        "gpu-check",
+        help="the GPU path in one run: bundles, pytest -m gpu, bench engine/http/ws, summary.md (--cpu: small, no GPU)",
+    )
+    add_arguments(check)
+    check.set_defaults(func=_run_gpu_check)
+
+
+def _run_gpu_check(args: argparse.Namespace) -> int:
+    from endostream.gpu_check import run_from_args
+
+    return run_from_args(args)
+
+
 # --------------------------------------------------------------------------------------------------------- serve
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from service.cli import add_serve_arguments
@@ -530,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_gpu_check(sub)
     _add_serve(sub)
     return parser
 
