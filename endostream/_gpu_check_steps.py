@@ -36,6 +36,7 @@ class Plan:
     engine_variants: tuple[str, ...]
     compiled_variants: tuple[str, ...]  # empty: the compiled bench is skipped
     engine_batches: tuple[int, ...]
+    compiled_batches: tuple[int, ...]  # each batch size the compiled variant sees can cost a compile
     engine_runs: int
     service_precision: str
     decode_modes: tuple[str, ...]  # ENDOSTREAM_DECODE values for bench http
@@ -62,6 +63,7 @@ GPU_PLAN = Plan(
     ),
     compiled_variants=("torch-program", "torch-program:fp16:graphs", "torch-program:fp16:graphs:compile"),
     engine_batches=(1, 8),
+    compiled_batches=(1,),
     engine_runs=100,
     service_precision="fp16",
     decode_modes=("cuda", "cpu"),
@@ -81,6 +83,7 @@ CPU_PLAN = Plan(
     engine_variants=("torch-program", "torch-program:bf16"),
     compiled_variants=(),  # Inductor's C++ compile takes minutes on 2 cores: tests/service covers it (slow)
     engine_batches=(1, 2),
+    compiled_batches=(1,),
     engine_runs=10,
     service_precision="fp32",
     decode_modes=("cpu",),
@@ -192,13 +195,13 @@ def step_bundle_vits(ctx: StepContext) -> None:
     export_onnx(checkpoint, ctx.work / VITS_BUNDLE, overwrite=True, torch_program=True)
 
 
-def _bench_engine(ctx: StepContext, variants: tuple[str, ...], name: str) -> None:
+def _bench_engine(ctx: StepContext, variants: tuple[str, ...], batches: tuple[int, ...], name: str) -> None:
     from export.bench import bench_engine, format_table
 
     report = bench_engine(
         [ctx.work / VITS_BUNDLE],
         variants,
-        batches=ctx.plan.engine_batches,
+        batches=batches,
         runs=ctx.plan.engine_runs,
         warmup=5,
         device=ctx.plan.device,
@@ -210,12 +213,13 @@ def _bench_engine(ctx: StepContext, variants: tuple[str, ...], name: str) -> Non
 
 def step_engine(ctx: StepContext) -> None:
     """The torch engine's variants side by side on the ViT-S/14 bundle (engine.json)."""
-    _bench_engine(ctx, ctx.plan.engine_variants, "engine")
+    _bench_engine(ctx, ctx.plan.engine_variants, ctx.plan.engine_batches, "engine")
 
 
 def step_engine_compiled(ctx: StepContext) -> None:
-    """torch.compile against eager and CUDA graphs, last because compiling takes the longest (engine-compiled.json)."""
-    _bench_engine(ctx, ctx.plan.compiled_variants, "engine-compiled")
+    """torch.compile against eager and CUDA graphs at batch 1 (one compile), last because compiling takes the longest
+    (engine-compiled.json)."""
+    _bench_engine(ctx, ctx.plan.compiled_variants, ctx.plan.compiled_batches, "engine-compiled")
 
 
 def _frames(plan: Plan, count: int = 8) -> list[bytes]:

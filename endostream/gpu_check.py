@@ -116,7 +116,8 @@ def run_check(out: Path, plan: Plan, *, deadline_s: float, work: Path | None = N
         log.write(f"== endostream gpu-check, mode {plan.mode}, work folder {work}\n")
         for phase in PHASES:
             records.extend(_run_phase(phase, ctx, env, log, started + deadline_s))
-    write_summary(out, plan, records, time.monotonic() - started)
+            # after every phase: a run stopped from outside still leaves the summary of what it finished
+            write_summary(out, plan, records, time.monotonic() - started)
     return records
 
 

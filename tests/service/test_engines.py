@@ -444,11 +444,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("precision", "compile_mode"), [("fp32", "default"), ("fp16", "default"), ("bf16", "default")])
-def test_compiled_program_with_cuda_graphs_matches_fp32_eager(pt2_bundle: Path, precision: str, compile_mode: str):
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_compiled_program_with_cuda_graphs_matches_fp32_eager(pt2_bundle: Path, precision: str):
     bundle = load_bundle(pt2_bundle)
     reference = open_engine(bundle, "torch", EngineOptions(device="cuda", cuda_graphs=False))
-    options = EngineOptions(device="cuda", precision=precision, max_batch=4, compile=compile_mode)  # type: ignore[arg-type]
+    options = EngineOptions(device="cuda", precision=precision, max_batch=4, compile="default")
     engine = open_engine(bundle, "torch", options)
     prob_tol, mask_agree = GPU_TOLERANCE[precision]
     for seed, batch in enumerate((1, 3, 1, 2)):  # batch 1 is specialised, 3 and 2 share the dynamic kernels
@@ -479,8 +479,8 @@ def test_cuda_tensor_input_stays_on_the_device(pt2_bundle: Path, graphs: bool):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_torch_cuda_graphs_at_half_precision_match_fp32(pt2_bundle: Path, precision: str):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_torch_cuda_graphs_at_each_precision_match_fp32_eager(pt2_bundle: Path, precision: str):
     bundle = load_bundle(pt2_bundle)
     reference = open_engine(bundle, "torch", EngineOptions(device="cuda", cuda_graphs=False))
     engine = open_engine(bundle, "torch", EngineOptions(device="cuda", precision=precision, max_batch=4))
