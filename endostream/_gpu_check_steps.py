@@ -38,7 +38,10 @@ class Plan:
     engine_batches: tuple[int, ...]
     compiled_batches: tuple[int, ...]  # each batch size the compiled variant sees can cost a compile
     engine_runs: int
+    engine_warmup: int
     service_precision: str
+    service_env: tuple[tuple[str, str], ...]  # more ENDOSTREAM_* settings for every server the run starts
+    http_max_batch: int
     decode_modes: tuple[str, ...]  # ENDOSTREAM_DECODE values for bench http
     http_concurrency: tuple[int, ...]
     http_requests: int
@@ -65,7 +68,10 @@ GPU_PLAN = Plan(
     engine_batches=(1, 8),
     compiled_batches=(1,),
     engine_runs=100,
+    engine_warmup=5,
     service_precision="fp16",
+    service_env=(),
+    http_max_batch=8,
     decode_modes=("cuda", "cpu"),
     http_concurrency=(1, 8),
     http_requests=200,
@@ -84,8 +90,12 @@ CPU_PLAN = Plan(
     compiled_variants=(),  # Inductor's C++ compile takes minutes on 2 cores: tests/service covers it (slow)
     engine_batches=(1, 2),
     compiled_batches=(1,),
-    engine_runs=10,
+    engine_runs=6,
+    engine_warmup=1,
     service_precision="fp32",
+    # one warm-up call per batch size and batches of at most 2: the servers are ready in seconds on 2 cores
+    service_env=(("ENDOSTREAM_WARMUP_RUNS", "1"), ("ENDOSTREAM_MAX_BATCH", "2")),
+    http_max_batch=2,
     decode_modes=("cpu",),
     http_concurrency=(1, 2),
     http_requests=8,
@@ -203,7 +213,7 @@ def _bench_engine(ctx: StepContext, variants: tuple[str, ...], batches: tuple[in
         variants,
         batches=batches,
         runs=ctx.plan.engine_runs,
-        warmup=5,
+        warmup=ctx.plan.engine_warmup,
         device=ctx.plan.device,
         progress=False,
     )
@@ -245,6 +255,7 @@ def _service_env(plan: Plan, decode: str) -> dict[str, str]:
         "ENDOSTREAM_DEVICE": plan.device,
         "ENDOSTREAM_PRECISION": plan.service_precision,
         "ENDOSTREAM_DECODE": decode,
+        **dict(plan.service_env),
     }
 
 
@@ -288,6 +299,7 @@ def step_http(ctx: StepContext) -> None:
             concurrency=plan.http_concurrency,
             requests=plan.http_requests,
             warmup=plan.http_warmup,
+            max_batch=plan.http_max_batch,
             log_dir=ctx.work / "server-logs",
         )
         result["env"] = env
