@@ -39,6 +39,8 @@ class Plan:
     compiled_batches: tuple[int, ...]  # each batch size the compiled variant sees can cost a compile
     engine_runs: int
     engine_warmup: int
+    engine_threads: int | None  # intra-op CPU threads of the benches' engines (None: the runtime's default)
+    step_threads: int | None  # OMP_NUM_THREADS of every step process (None: unset)
     service_precision: str
     service_env: tuple[tuple[str, str], ...]  # more ENDOSTREAM_* settings for every server the run starts
     http_max_batch: int
@@ -69,6 +71,8 @@ GPU_PLAN = Plan(
     compiled_batches=(1,),
     engine_runs=100,
     engine_warmup=5,
+    engine_threads=None,
+    step_threads=None,
     service_precision="fp16",
     service_env=(),
     http_max_batch=8,
@@ -92,9 +96,12 @@ CPU_PLAN = Plan(
     compiled_batches=(1,),
     engine_runs=6,
     engine_warmup=1,
+    # one thread: two OpenMP threads on 2 busy cores wait on each other at every barrier (a CI box runs other jobs)
+    engine_threads=1,
+    step_threads=1,  # the bundle builds and the tests run side by side: one thread each
     service_precision="fp32",
     # one warm-up call per batch size and batches of at most 2: the servers are ready in seconds on 2 cores
-    service_env=(("ENDOSTREAM_WARMUP_RUNS", "1"), ("ENDOSTREAM_MAX_BATCH", "2")),
+    service_env=(("ENDOSTREAM_WARMUP_RUNS", "1"), ("ENDOSTREAM_MAX_BATCH", "2"), ("ENDOSTREAM_THREADS", "1")),
     http_max_batch=2,
     decode_modes=("cpu",),
     http_concurrency=(1, 2),
@@ -214,6 +221,7 @@ def _bench_engine(ctx: StepContext, variants: tuple[str, ...], batches: tuple[in
         batches=batches,
         runs=ctx.plan.engine_runs,
         warmup=ctx.plan.engine_warmup,
+        threads=ctx.plan.engine_threads,
         device=ctx.plan.device,
         progress=False,
     )
