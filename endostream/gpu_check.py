@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -164,6 +165,7 @@ def _run_phase(phase: Sequence[Step], ctx: StepContext, env: dict[str, str], log
         _progress(f"{step.name}: started, budget {min(budget, left):.0f} s: {step.what}")
         running.append((step, proc, handle, step_log, time.monotonic(), min(budget, left)))
     for step, proc, handle, step_log, begun, limit in running:
+        command = shlex.join(str(part) for part in proc.args)
         try:
             code = proc.wait(timeout=max(1.0, begun + limit - time.monotonic()))
             status = "ok" if code == 0 else "failed"
@@ -175,7 +177,8 @@ def _run_phase(phase: Sequence[Step], ctx: StepContext, env: dict[str, str], log
         seconds = time.monotonic() - begun
         if step.name == "pytest-gpu":
             note = f"{_last_line(step_log)}" + (f"; {note}" if note else "")
-        log.write(f"\n== step {step.name}: {status} in {seconds:.1f} s\n{step_log.read_text(errors='replace')}")
+        output = step_log.read_text(errors="replace")
+        log.write(f"\n== step {step.name}: {status} in {seconds:.1f} s\n$ {command}\n{output}")
         log.flush()
         records.append(StepRecord(step.name, status, seconds, step.budget_s[ctx.plan.mode], note))
         _progress(f"{step.name}: {status} in {seconds:.1f} s" + (f" ({note})" if note else ""))

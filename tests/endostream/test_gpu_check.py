@@ -51,7 +51,8 @@ def test_cpu_mode_runs_every_step_and_summarizes(tmp_path: Path):
     assert "not measured" not in summary.split("## Engine with torch.compile")[0]
     assert f"{ws['frames']} frames (1920x1080) at 30 fps" in summary
     assert "| torch-program:bf16 |" in summary and "| cpu | 1 |" in summary
-    assert "pytest -m gpu" in (out / "gpu-check.log").read_text()
+    log = (out / "gpu-check.log").read_text()
+    assert "== step pytest-gpu: ok" in log and "-m pytest -m gpu" in log and "== step ws: ok" in log
 
 
 def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path: Path, monkeypatch):
