@@ -154,8 +154,9 @@ def _run_phase(phase: Sequence[Step], ctx: StepContext, env: dict[str, str], log
         step_log = ctx.work / f"{step.name}.log"
         handle = step_log.open("w")
         # its own process group: a step stopped at its budget takes the servers it started with it
+        command = _step_command(step.name, ctx)
         proc = subprocess.Popen(
-            _step_command(step.name, ctx),
+            command,
             cwd=REPO,
             env=env,
             stdout=handle,
@@ -163,9 +164,8 @@ def _run_phase(phase: Sequence[Step], ctx: StepContext, env: dict[str, str], log
             start_new_session=True,
         )
         _progress(f"{step.name}: started, budget {min(budget, left):.0f} s: {step.what}")
-        running.append((step, proc, handle, step_log, time.monotonic(), min(budget, left)))
-    for step, proc, handle, step_log, begun, limit in running:
-        command = shlex.join(str(part) for part in proc.args)
+        running.append((step, shlex.join(command), proc, handle, step_log, time.monotonic(), min(budget, left)))
+    for step, shown, proc, handle, step_log, begun, limit in running:
         try:
             code = proc.wait(timeout=max(1.0, begun + limit - time.monotonic()))
             status = "ok" if code == 0 else "failed"
@@ -178,7 +178,7 @@ def _run_phase(phase: Sequence[Step], ctx: StepContext, env: dict[str, str], log
         if step.name == "pytest-gpu":
             note = f"{_last_line(step_log)}" + (f"; {note}" if note else "")
         output = step_log.read_text(errors="replace")
-        log.write(f"\n== step {step.name}: {status} in {seconds:.1f} s\n$ {command}\n{output}")
+        log.write(f"\n== step {step.name}: {status} in {seconds:.1f} s\n$ {shown}\n{output}")
         log.flush()
         records.append(StepRecord(step.name, status, seconds, step.budget_s[ctx.plan.mode], note))
         _progress(f"{step.name}: {status} in {seconds:.1f} s" + (f" ({note})" if note else ""))
