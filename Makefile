@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install demo test quality format
+.PHONY: install demo test quality format gpu-wheels gpu-check-cpu
 
 $(STAMP): pyproject.toml
 	# torch first: the pinned CPU wheel satisfies the `train` extra, so nothing pulls CUDA builds.
@@ -28,3 +28,11 @@ quality: $(STAMP)
 format: $(STAMP)
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
+
+# Wheels the GPU machine lacks (the service's web stack, ~3 MB) into .whl/, for a device run of scripts/gpu-check.
+gpu-wheels:
+	scripts/fetch-gpu-wheels
+
+# The GPU check's steps at small sizes on this machine (what CI runs through tests/endostream/test_gpu_check.py).
+gpu-check-cpu: $(STAMP)
+	scripts/gpu-check --cpu endostream-work/gpu-check-cpu

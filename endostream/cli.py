@@ -1,4 +1,4 @@
-"""`endostream` command line: data, train, eval, ablate, demo, export, bench, serve.
+"""`endostream` command line: data, train, eval, ablate, demo, export, bench, gpu-check, serve.
 
 Each subcommand imports its package lazily, so `endostream serve` will never import torch and `--help` is instant.
 """
@@ -293,13 +293,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="bundle folders (from `endostream export onnx`); A+B runs both on every call (one graph per task)",
     )
-    engine.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch (default onnxruntime)")
+    engine.add_argument(
+        "--backend", default="onnxruntime", help="onnxruntime | torch | torch-program (default onnxruntime)"
+    )
     engine.add_argument("--precision", help="fp32 | fp16 | bf16 for torch (default fp32); onnxruntime: the bundle's")
     engine.add_argument(
         "--compare",
         nargs="+",
-        metavar="BACKEND[:PRECISION]",
-        help="several variants side by side, e.g. torch onnxruntime; ratios are against the first",
+        metavar="BACKEND[:PRECISION][:FLAG]",
+        help="several variants side by side, ratios against the first, e.g. torch onnxruntime, or "
+        "torch-program torch-program:fp16:graphs torch-program:bf16:graphs torch-program:fp16:graphs:compile. "
+        "torch = eager on the source checkpoint; torch-program = the bundle's model.pt2 in the service's engine, "
+        "flags graphs (CUDA graphs, --device cuda), compile or max-autotune (torch.compile)",
     )
     engine.add_argument("--json", type=Path, required=True, help="where the results go")
     engine.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="throughput batch sizes")
@@ -359,6 +364,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     overload.add_argument("--json", type=Path, required=True, help="where the results go")
     overload.set_defaults(func=_run_bench_overload)
+    ws = bench_sub.add_parser(
+        "ws", help="frames pushed over /ws/infer at a fixed fps: latency per frame, share within a frame period, drops"
+    )
+    ws.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the demo bundle)")
+    ws.add_argument("--frames", type=int, default=3000, help="timed frames (default 3000)")
+    ws.add_argument("--warmup", type=int, default=30, help="frames sent first and left out of the figures")
+    ws.add_argument("--fps", type=float, default=30.0, help="send rate; the frame period is 1/fps (default 30)")
+    ws.add_argument("--size", default="1920x1080", help="generated JPEG frame size WxH (default 1920x1080)")
+    ws.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated frames")
+    ws.add_argument("--mask", choices=["png", "rle", "none"], default="png")
+    ws.add_argument("--json", type=Path, required=True, help="where the results go")
+    ws.set_defaults(func=_run_bench_ws)
     training = bench_sub.add_parser(
         "train", help="training cost of BDTA + MoTE vs a one-stream LoRA baseline on the same frozen backbone"
     )
@@ -466,6 +483,22 @@ def _run_bench_overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_ws(args: argparse.Namespace) -> int:
+    from service.bench_ws import bench_ws, format_ws
+
+    report = bench_ws(
+        _bench_bundle(args.bundle),
+        _bench_frames(args.size, args.quality),
+        count=args.frames,
+        fps=args.fps,
+        warmup=args.warmup,
+        mask=args.mask,
+    )
+    report["frame_size"] = args.size
+    _write_report(args.json, report, format_ws(report))
+    return 0
+
+
 def _run_bench_stream(args: argparse.Namespace) -> int:
     from service.bench import bench_stream, format_stream
 
@@ -565,6 +598,24 @@ def _run_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- gpu-check
+def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
+    from endostream.gpu_check import add_arguments
+
+    check = sub.add_parser(
+        "gpu-check",
+        help="the GPU path in one run: bundles, pytest -m gpu, bench engine/http/ws, summary.md (--cpu: small, no GPU)",
+    )
+    add_arguments(check)
+    check.set_defaults(func=_run_gpu_check)
+
+
+def _run_gpu_check(args: argparse.Namespace) -> int:
+    from endostream.gpu_check import run_from_args
+
+    return run_from_args(args)
+
+
 # --------------------------------------------------------------------------------------------------------- serve
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from service.cli import add_serve_arguments
@@ -598,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_gpu_check(sub)
     _add_serve(sub)
     return parser
 

@@ -5,6 +5,14 @@ Each variant (bundle or group of bundles x backend + precision) gets a warm-up, 
 size, so every variant sees the same inputs. The variants' calls are interleaved in rounds, so a change in the
 machine's speed during the run (other load, clocks) lands on all of them alike. Ratios against the first variant are
 reported (> 1 = faster than it), next to the accuracy cost an INT8 bundle's manifest records.
+
+Variants are `BACKEND[:PRECISION][:FLAG...]`:
+- `onnxruntime` runs the bundle's graph as it is;
+- `torch[:fp16|bf16]` runs PyTorch eager on the bundle's *source checkpoint* (the model before export);
+- `torch-program[:fp16|bf16][:graphs][:compile|:max-autotune]` runs the bundle's `model.pt2` through the service's
+  own `TorchEngine`, exactly as `endostream serve --backend torch` would: autocast with weights cast once, CUDA
+  graphs per batch size (`graphs`, CUDA only), `torch.compile` (`compile`: Inductor default; `max-autotune`: also
+  benchmarks GEMM kernels, minutes of compiling). Its timings include the copy of the outputs to the host.
 """
 
 from __future__ import annotations
@@ -26,8 +34,11 @@ from export.checks import onnxruntime_session
 from export.graph import BundleGraph, prepare_for_export
 from export.manifest import Manifest, read_manifest
 from export.onnx_export import generated_frames
+from service.engines.base import EngineOptions
 
-BACKENDS = ("onnxruntime", "torch")  # tensorrt joins with its engine builder
+BACKENDS = ("onnxruntime", "torch", "torch-program")  # tensorrt joins with its engine builder
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PROGRAM_FLAGS = ("graphs", "compile", "max-autotune")  # torch-program only
 DEFAULT_BATCHES = (1, 2, 4, 8)
 ROUNDS = 10
 
@@ -119,14 +130,60 @@ def time_interleaved(
     return seconds
 
 
-def parse_variant(text: str) -> tuple[str, str | None]:
-    """`onnxruntime` or `torch:fp16` -> (backend, precision); None = the bundle's own (torch: fp32)."""
-    backend, _, precision = text.partition(":")
+def _split_variant(text: str) -> tuple[str, str | None, tuple[str, ...]]:
+    backend, *parts = text.split(":")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} in {text!r}; this release has {BACKENDS} (e.g. torch:fp32)")
-    if precision and precision not in ("fp32", "fp16", "bf16", "int8"):
+        raise ValueError(
+            f"unknown backend {backend!r} in {text!r}; this release has {BACKENDS} (e.g. torch:fp32, "
+            f"torch-program:fp16:graphs)"
+        )
+    precision = parts.pop(0) if parts and parts[0] not in PROGRAM_FLAGS else None
+    if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} in {text!r}; use fp32, fp16, bf16 or int8")
-    return backend, precision or None
+    flags = tuple(parts)
+    if flags and backend != "torch-program":
+        raise ValueError(f"{text!r}: flags {list(flags)} apply to torch-program variants only")
+    unknown = [f for f in flags if f not in PROGRAM_FLAGS]
+    if unknown or len(set(flags)) != len(flags) or {"compile", "max-autotune"} <= set(flags):
+        raise ValueError(
+            f"bad flags {list(flags)} in {text!r}: use graphs and at most one of compile, max-autotune, "
+            f"e.g. torch-program:bf16:graphs:compile"
+        )
+    return backend, precision, flags
+
+
+def parse_variant(text: str) -> tuple[str, str | None]:
+    """`onnxruntime`, `torch:fp16` or `torch-program:fp16:graphs` -> (backend, precision); None = the bundle's own
+    (torch backends: fp32). The torch-program flags are read by `program_options`."""
+    backend, precision, _ = _split_variant(text)
+    return backend, precision
+
+
+def program_options(text: str, device: str, max_batch: int, threads: int | None) -> EngineOptions:
+    """The `TorchEngine` options a `torch-program[...]` variant names (see the module docstring)."""
+    _, precision, flags = _split_variant(text)
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} must be cpu or cuda[:N]")
+    if "graphs" in flags and kind != "cuda":
+        raise ValueError(f"{text!r}: CUDA graphs need --device cuda; drop ':graphs' to time it on {device}")
+    compile_mode = "max-autotune" if "max-autotune" in flags else "default" if "compile" in flags else "off"
+    return EngineOptions(
+        device=kind,  # type: ignore[arg-type]
+        threads=threads or 0,
+        precision=precision or "fp32",
+        cuda_graphs="graphs" in flags,
+        max_batch=max_batch,
+        compile=compile_mode,  # type: ignore[arg-type]
+    )
+
+
+def torch_program_runner(bundle: Path, options: EngineOptions) -> Runner:
+    """The bundle's `model.pt2` in the service's `TorchEngine`; each call returns host (numpy) outputs."""
+    from service.bundle import load_bundle
+    from service.engines.torch_backend import TorchEngine
+
+    return TorchEngine(load_bundle(bundle), options).run
 
 
 def parse_bundle_group(spec: str | Path) -> list[Path]:
@@ -135,11 +192,22 @@ def parse_bundle_group(spec: str | Path) -> list[Path]:
 
 
 def _group_runner(
-    bundles: list[Path], manifests: list[Manifest], backend: str, precision: str, threads: int | None, device: str
+    bundles: list[Path],
+    manifests: list[Manifest],
+    variant: str,
+    precision: str,
+    threads: int | None,
+    device: str,
+    max_batch: int,
 ) -> Runner:
+    backend, _ = parse_variant(variant)
     runners = []
     for bundle, manifest in zip(bundles, manifests, strict=True):
-        if backend == "onnxruntime":
+        if backend == "torch-program":
+            if manifest.precision == "int8":
+                raise ValueError(f"{bundle} holds an INT8 graph and no torch program of it; bench it with onnxruntime")
+            runners.append(torch_program_runner(bundle, program_options(variant, device, max_batch, threads)))
+        elif backend == "onnxruntime":
             if precision != manifest.precision:
                 raise ValueError(f"{bundle} holds an {manifest.precision} graph; onnxruntime runs it as it is")
             # A group's sessions run back to back on the same cores, and each session's workers spin-wait after its
@@ -192,7 +260,7 @@ def bench_engine(
         for text in variants:
             backend, asked = parse_variant(text)
             precision = asked or (manifests[spec][0].precision if backend == "onnxruntime" else "fp32")
-            runners.append(_group_runner(paths, manifests[spec], backend, precision, threads, device))
+            runners.append(_group_runner(paths, manifests[spec], text, precision, threads, device, max(batches)))
             labels.append((text if len(groups) == 1 else f"{spec} {text}", backend, precision))
     with tqdm(total=1 + len(batches), desc="timing: batch 1 latency, then throughput", disable=not progress) as bar:
         latency = time_interleaved(runners, frames[:1], warmup, runs)

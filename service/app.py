@@ -50,6 +50,7 @@ def _engine_options(settings: Settings) -> EngineOptions:
         max_batch=settings.max_batch,
         engine_cache=str(settings.engine_cache) if settings.engine_cache else None,
         spin_wait=settings.ort_spin_wait,
+        compile=settings.compile,
     )
 
 

@@ -101,3 +101,7 @@ class Settings(BaseSettings):
                 "drive the service; list the viewer's origin instead"
             )
         return self
+
+    compile: Literal["off", "default", "max-autotune"] = Field(
+        "off", description="torch backend: torch.compile the program (compiles at warm-up: seconds to minutes)"
+    )

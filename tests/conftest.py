@@ -24,6 +24,14 @@ def endoarss_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
+def pt2_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle exported with its torch program (`--torch-program`)."""
+    out = tmp_path_factory.mktemp("pt2_bundle")
+    export_onnx(endoarss_ckpt, out, overwrite=True, torch_program=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def labelled_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small generated dataset (EndoARSS layout) for calibration and scoring."""
     from training.data.writer import synthesize_dataset

@@ -14,6 +14,7 @@ import numpy as np
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 Device = Literal["auto", "cpu", "cuda"]
+CompileMode = Literal["off", "default", "max-autotune"]
 
 
 class EngineUnavailable(RuntimeError):
@@ -34,6 +35,8 @@ class EngineOptions:
         spin_wait: ONNX Runtime's intra-op threads spin for work after each run instead of sleeping; saves about
             a millisecond per call when frames come back to back, but burns cores that decoding and other clients
             need (README "Choosing the settings").
+        compile: torch backend only: "off" (the exported program as it is), "default" (`torch.compile` with
+            Inductor, weights frozen) or "max-autotune" (also benchmarks GEMM/conv kernels at first call: minutes).
     """
 
     device: Device = "auto"
@@ -43,6 +46,7 @@ class EngineOptions:
     max_batch: int = 8
     engine_cache: str | None = None
     spin_wait: bool = False
+    compile: CompileMode = "off"
 
 
 @runtime_checkable
@@ -55,7 +59,10 @@ class Engine(Protocol):
     output_names: tuple[str, ...]
 
     def run(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """frames: uint8 B x H x W x 3 (C-contiguous) -> graph outputs by name, batch-first numpy arrays."""
+        """frames: uint8 B x H x W x 3 (C-contiguous) -> graph outputs by name, batch-first numpy arrays.
+
+        The torch engine also takes a uint8 `torch.Tensor` (B x H x W x 3 or H x W x 3) on its device or the CPU.
+        """
         ...
 
     def close(self) -> None:

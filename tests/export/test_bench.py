@@ -11,7 +11,7 @@ import pytest
 
 from endostream.cli import main
 from export import bench as bench_module
-from export.bench import bench_engine, format_table, parse_variant, time_interleaved
+from export.bench import bench_engine, format_table, parse_variant, program_options, time_interleaved
 from export.onnx_export import export_onnx
 from export.quantize import quantize_bundle
 
@@ -79,6 +79,37 @@ def test_bad_variants_and_missing_source_are_explained(endoarss_bundle: Path, tm
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FileNotFoundError, match="source checkpoint"):
         bench_engine([moved], ["torch"], batches=(1,), warmup=0, runs=1, progress=False)
+
+
+def test_torch_program_variants_run_the_service_engine(pt2_bundle: Path):
+    variants = ["torch", "torch-program", "torch-program:bf16"]
+    report = bench_engine([pt2_bundle], variants, batches=(1, 2), warmup=1, runs=4, threads=1, progress=False)
+    assert [(v["variant"], v["backend"], v["precision"]) for v in report["variants"]] == [
+        ("torch", "torch", "fp32"),
+        ("torch-program", "torch-program", "fp32"),
+        ("torch-program:bf16", "torch-program", "bf16"),
+    ]
+    assert all(v["batch1"]["runs"] == 4 and set(v["throughput_fps"]) == {1, 2} for v in report["variants"])
+    assert set(report["ratios_vs_first"]) == set(variants)
+
+
+def test_torch_program_flags_become_engine_options():
+    options = program_options("torch-program:fp16:graphs:compile", "cuda:0", 8, None)
+    assert (options.device, options.precision, options.cuda_graphs) == ("cuda", "fp16", True)
+    assert options.compile == "default"
+    assert options.max_batch == 8 and options.threads == 0
+    plain = program_options("torch-program", "cpu", 4, 2)
+    assert (plain.precision, plain.cuda_graphs, plain.compile, plain.threads) == ("fp32", False, "off", 2)
+    assert program_options("torch-program:max-autotune", "cpu", 1, None).compile == "max-autotune"
+    assert parse_variant("torch-program:bf16:graphs") == ("torch-program", "bf16")
+    with pytest.raises(ValueError, match="CUDA graphs need --device cuda"):
+        program_options("torch-program:fp16:graphs", "cpu", 8, None)
+    with pytest.raises(ValueError, match="apply to torch-program variants only"):
+        parse_variant("torch:fp16:graphs")
+    with pytest.raises(ValueError, match="at most one of compile, max-autotune"):
+        parse_variant("torch-program:compile:max-autotune")
+    with pytest.raises(ValueError, match=r"bad flags \['graph'\]"):
+        parse_variant("torch-program:fp16:graph")
 
 
 def test_per_task_graphs_run_as_a_group_next_to_the_fused_graph(

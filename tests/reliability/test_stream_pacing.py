@@ -12,8 +12,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from service.metrics import ServiceMetrics
-from service.schemas import FrameInfo, StreamRequest
-from service.serving import InferOptions
+from service.postprocess import InferOptions
+from service.schemas import StreamRequest
 from service.settings import Settings
 from service.streaming import StreamsApi
 
@@ -24,9 +24,8 @@ SECONDS = 1.5
 class _StubService:
     """Answers every frame at once with its id (the stream loop, not the engine, is under test)."""
 
-    async def infer_array(self, image: Any, info: FrameInfo, options: InferOptions, source: str) -> SimpleNamespace:
-        body = json.dumps({"frame": {"id": info.id}})
-        return SimpleNamespace(result=SimpleNamespace(model_dump_json=lambda: body))
+    async def infer_array(self, image: Any, frame: dict, options: InferOptions, source: str) -> SimpleNamespace:
+        return SimpleNamespace(json=lambda: json.dumps({"frame": {"id": frame["id"]}}).encode())
 
 
 async def _run(api: StreamsApi, source: str) -> tuple[list[dict], int, float]:
