@@ -7,14 +7,12 @@ so a failed step leaves the others runnable. See `endostream.gpu_check` for the 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import inspect
 import json
 import logging
 import os
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -267,29 +265,6 @@ def _service_env(plan: Plan, decode: str) -> dict[str, str]:
     }
 
 
-@contextlib.contextmanager
-def _environment(extra: Mapping[str, str]) -> Iterator[None]:
-    """`extra` in os.environ for the duration (servers started inside inherit it), then the old values back."""
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _with_env(function: Callable[..., dict[str, Any]], env: Mapping[str, str], **kwargs: Any) -> dict[str, Any]:
-    """Call a bench function with the servers' extra environment: its `env` argument where it has one."""
-    if "env" in inspect.signature(function).parameters:
-        return function(env=env, **kwargs)
-    with _environment(env):
-        return function(**kwargs)
-
-
 def step_http(ctx: StepContext) -> None:
     """bench http on the ViT-S/14 bundle, 1080p JPEG, once per decode mode (http.json)."""
     from service.bench import bench_http, format_http
@@ -299,11 +274,10 @@ def step_http(ctx: StepContext) -> None:
     report: dict[str, Any] = {"frame_size": "x".join(map(str, plan.frame_size)), "quality": plan.jpeg_quality}
     for decode in plan.decode_modes:
         env = _service_env(plan, decode)
-        result = _with_env(
-            bench_http,
-            env,
-            bundle=ctx.work / VITS_BUNDLE,
-            frames=frames,
+        result = bench_http(
+            ctx.work / VITS_BUNDLE,
+            frames,
+            env=env,
             concurrency=plan.http_concurrency,
             requests=plan.http_requests,
             warmup=plan.http_warmup,

@@ -89,8 +89,9 @@ def _http_table(report: dict[str, Any] | None, plan: Plan) -> list[str]:
         "",
         f"torch backend, {plan.service_precision}, CUDA graphs where on CUDA. Client on the same machine.",
         "",
-        "| decode | clients | e2e p50 ms | e2e p99 ms | fps | decode ms | infer ms | batch |",
-        "|:--|--:|--:|--:|--:|--:|--:|--:|",
+        "| decode asked | decoded on | clients | e2e p50 ms | e2e p99 ms | fps | decode ms | infer ms "
+        "| overhead p50 ms | CPU ms/frame outside engine | batch |",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     verdicts = []
     for decode in plan.decode_modes:
@@ -98,10 +99,12 @@ def _http_table(report: dict[str, Any] | None, plan: Plan) -> list[str]:
         if result is None:
             continue
         for clients, run in result["variants"]["batching"]["runs"].items():
-            e2e, split = run["end_to_end_ms"], run["stage_mean_ms"]
+            e2e, stage = run["end_to_end_ms"], run["stage_ms"]
+            cpu = run.get("cpu_ms_per_frame", {}).get("outside_engine", float("nan"))
             lines.append(
-                f"| {decode} | {clients} | {e2e.get('p50', 0):.2f} | {e2e.get('p99', 0):.2f} | "
-                f"{run['throughput_fps']:.1f} | {split['decode'] or 0:.2f} | {split['infer'] or 0:.2f} | "
+                f"| {decode} | {run['decoder']} | {clients} | {e2e.get('p50', 0):.2f} | {e2e.get('p99', 0):.2f} | "
+                f"{run['throughput_fps']:.1f} | {stage['decode'].get('mean', 0):.2f} | "
+                f"{stage['infer'].get('mean', 0):.2f} | {run['service_overhead_ms'].get('p50', 0):.2f} | {cpu:.2f} | "
                 f"{run['mean_batch_size'] or 0:.2f} |"
             )
             if decode == "cuda" and clients == "1":

@@ -146,18 +146,32 @@ def _measured(server: ServiceProcess, engine: frozenset[int], run: Callable[[], 
     return result
 
 
-def engine_only(bundle: Path, frames: Sequence[bytes], *, threads: int, spin_wait: bool, batches: Sequence[int],
-                seconds: float = 3.0) -> dict[str, Any]:  # fmt: skip
-    """Frames per second of the bundle's ONNX Runtime engine alone, with the service's threads and spinning."""
+def engine_only(
+    bundle: Path, frames: Sequence[bytes], *, env: Mapping[str, str], batches: Sequence[int], seconds: float = 3.0
+) -> dict[str, Any]:
+    """Frames per second of the bundle's engine alone, opened as a server with `env` opens it (backend, device,
+    precision, threads, spinning: the ENDOSTREAM_* values), at each batch size."""
     from service.bundle import load_bundle
     from service.decoding import CpuDecoder
     from service.engines import EngineOptions, open_engine, warm_up
+    from service.settings import Settings
 
+    # this process's ENDOSTREAM_* variables, then `env` on top: what the servers it starts will see
+    settings = Settings(**{k.removeprefix("ENDOSTREAM_").lower(): v for k, v in env.items()})
     loaded = load_bundle(bundle)
     spec = loaded.manifest.input
     decoder = CpuDecoder(spec.height, spec.width, max_pixels=1 << 30)
     inputs = [decoder.decode(f).model_input for f in frames]
-    engine = open_engine(loaded, "onnxruntime", EngineOptions(device="cpu", threads=threads, spin_wait=spin_wait))
+    options = EngineOptions(
+        device=settings.device,
+        threads=settings.threads,
+        precision=settings.precision,
+        cuda_graphs=settings.cuda_graphs,
+        max_batch=max(batches),
+        spin_wait=settings.ort_spin_wait,
+        compile=settings.compile,
+    )
+    engine = open_engine(loaded, settings.backend, options)
     try:
         warm_up(engine, spec.height, spec.width, batches=tuple(batches), runs=3)
         fps = {}
@@ -171,7 +185,16 @@ def engine_only(bundle: Path, frames: Sequence[bytes], *, threads: int, spin_wai
     finally:
         engine.close()
     best = max(fps, key=fps.__getitem__)
-    return {"threads": threads, "spin_wait": spin_wait, "fps": fps, "best_batch": int(best), "best_fps": fps[best]}
+    return {
+        "backend": engine.backend,
+        "device": engine.device,
+        "precision": engine.precision,
+        "threads": settings.threads,
+        "spin_wait": settings.ort_spin_wait,
+        "fps": fps,
+        "best_batch": int(best),
+        "best_fps": fps[best],
+    }
 
 
 def bench_http(
@@ -208,20 +231,14 @@ def bench_http(
     if baseline is not None:
         variants.append(ServerVariant("baseline", max_batch, base_env, baseline.resolve()))
     params = {"mask": mask, **({"mask_size": mask_size} if mask_size else {})}
-    spin = str(base_env.get("ENDOSTREAM_ORT_SPIN_WAIT", "0")).lower() in ("1", "true", "yes", "on")
     report: dict[str, Any] = {
         "bundle": str(bundle),
         "frame_bytes_mean": int(statistics.fmean(len(f) for f in frames)),
         "params": params,
         "machine": _machine(),
         "engine_only": engine_only(
-            bundle,
-            frames,
-            threads=threads,
-            spin_wait=spin,
-            batches=sorted({1, max_batch // 2 or 1, max_batch}),
-            seconds=engine_seconds,
-        ),  # fmt: skip
+            bundle, frames, env=base_env, batches=sorted({1, max_batch // 2 or 1, max_batch}), seconds=engine_seconds
+        ),
         "variants": {},
     }
     for variant in variants:
@@ -298,7 +315,8 @@ def format_http(report: dict[str, Any]) -> str:
     engine = report["engine_only"]
     ratios = report["ratios"]
     lines.append(
-        f"engine only (same bundle, {engine['threads'] or 'default'} threads): "
+        f"engine only ({engine['backend']} on {engine['device']}, {engine['precision']}, "
+        f"{engine['threads'] or 'default'} threads): "
         + ", ".join(f"batch {b}: {fps:.1f} fps" for b, fps in engine["fps"].items())
     )
     lines.append(

@@ -100,8 +100,9 @@ def test_broken_wheels_fail_with_pips_reason(tmp_path: Path, monkeypatch):
 
 
 def test_summary_of_a_gpu_run_states_goals_from_the_reports(tmp_path: Path):
-    run = {"end_to_end_ms": {"p50": 7.5, "p99": 13.0}, "stage_mean_ms": {"decode": 0.6, "infer": 2.0}}
-    run |= {"throughput_fps": 130.0, "mean_batch_size": 1.0}
+    run = {"end_to_end_ms": {"p50": 7.5, "p99": 13.0}, "stage_ms": {"decode": {"mean": 0.6}, "infer": {"mean": 2.0}}}
+    run |= {"throughput_fps": 130.0, "mean_batch_size": 1.0, "decoder": "cuda:0", "service_overhead_ms": {"p50": 0.4}}
+    run |= {"cpu_ms_per_frame": {"outside_engine": 1.25}}
     http = {"decode_cuda": {"variants": {"batching": {"runs": {"1": run}}}}}
     ws = {"frames": 3000, "frame_size": "1920x1080", "fps": 30.0, "frame_period_ms": 33.333, "dropped": 0, "errors": 0}
     ws |= {"latency_ms": {"p50": 9.0, "p99": 20.0, "max": 40.0}, "within_frame_period": 0.9995}
@@ -112,5 +113,6 @@ def test_summary_of_a_gpu_run_states_goals_from_the_reports(tmp_path: Path):
     summary = (tmp_path / "summary.md").read_text()
     assert "p50 7.50 ms / p99 13.00 ms against the goal ≤ 8 / ≤ 12 ms: not met" in summary
     assert "99.95 % within 33.333 ms (goal ≥ 99.9 %: met)" in summary
+    assert "| cuda | cuda:0 | 1 | 7.50 | 13.00 | 130.0 | 0.60 | 2.00 | 0.40 | 1.25 | 1.00 |" in summary
     assert "machine not probed" in summary and "ViT-S/14 at 448 px" in summary
     assert summary.count("not measured") == 2  # both engine tables: their JSON is missing
