@@ -21,7 +21,6 @@ from training.robustness import (
 from training.robustness_report import build_report, markdown_report
 from training.trainer import train
 
-pytest.importorskip("imagecorruptions")
 pytestmark = pytest.mark.timeout(120)
 
 
