@@ -114,8 +114,8 @@ class InferenceService:
         spec = bundle.manifest.input
         self.height, self.width = spec.height, spec.width
         self.results = ResultBuilder(bundle)
-        self.cpu_decoder = CpuDecoder(self.height, self.width, max_pixels=max_pixels)
-        self.decoder: FrameDecoder = self.cpu_decoder  # `use_decoder` swaps in the GPU decoder once the engine runs
+        # `use_decoder` swaps in the decoder chosen for the engine (GPU or CPU) once it is open
+        self.decoder: FrameDecoder = CpuDecoder(self.height, self.width, max_pixels=max_pixels)
         self._model_ref: dict[str, str] | None = None
 
     def close(self) -> None:
