@@ -46,19 +46,15 @@ class ServerVariant:
     checkout: Path | None = None  # another source tree (e.g. the previous commit); None: this one
 
 
-def _percentiles(values: Sequence[float]) -> dict[str, float]:
+def percentiles(values: Sequence[float], points: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
+    """count, mean, the percentiles `points` (keys p50, p99, p99_9, ...) and max of `values`, rounded to 3 places."""
     if not values:
         return {"count": 0}
     arr = np.asarray(values, float)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {
-        "count": len(arr),
-        "mean": round(float(arr.mean()), 3),
-        "p50": round(float(p50), 3),
-        "p95": round(float(p95), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(arr.max()), 3),
-    }
+    stats = {"count": len(arr), "mean": round(float(arr.mean()), 3)}
+    for point, value in zip(points, np.percentile(arr, list(points)), strict=True):
+        stats[f"p{point:g}".replace(".", "_")] = round(float(value), 3)
+    return {**stats, "max": round(float(arr.max()), 3)}
 
 
 async def _drive(
@@ -115,16 +111,16 @@ def _split(e2e: Sequence[float], replies: Sequence[Mapping[str, Any]]) -> dict[s
     overhead = [r["total"] - sum(r[s] for s in ("decode", "preprocess", "queue", "infer")) for r in replies]
     engine_path = [sum(r[s] for s in ENGINE_PATH) for r in replies]
     return {
-        "end_to_end_ms": _percentiles(e2e),
-        "server_total_ms": _percentiles(total),
+        "end_to_end_ms": percentiles(e2e),
+        "server_total_ms": percentiles(total),
         "stage_ms": {
-            s: {k: v for k, v in _percentiles(values).items() if k in ("mean", "p50")} for s, values in stages.items()
+            s: {k: v for k, v in percentiles(values).items() if k in ("mean", "p50")} for s, values in stages.items()
         },  # fmt: skip
         # server total - decode - preprocess - queue - infer: postprocess, encode and every hand-off
-        "service_overhead_ms": _percentiles(overhead),
-        "client_minus_server_ms": _percentiles([c - t for c, t in zip(e2e, total, strict=True)]),
+        "service_overhead_ms": percentiles(overhead),
+        "client_minus_server_ms": percentiles([c - t for c, t in zip(e2e, total, strict=True)]),
         # what the client waits beyond the work a frame cannot avoid (HTTP, JSON, hops, queue, postprocess)
-        "e2e_minus_engine_path_ms": _percentiles([c - p for c, p in zip(e2e, engine_path, strict=True)]),
+        "e2e_minus_engine_path_ms": percentiles([c - p for c, p in zip(e2e, engine_path, strict=True)]),
         "mean_batch_size": round(statistics.fmean(r["batch_size"] for r in replies), 2) if replies else None,
         "decoder": replies[0].get("decoder", "cpu") if replies else None,
     }
@@ -383,9 +379,9 @@ def bench_stream(
         "processed": processed,
         "processed_fps": round(processed / elapsed, 2) if elapsed else 0.0,
         "dropped": dropped,
-        "frame_age_ms": _percentiles(ages),
-        "service_total_ms": _percentiles(totals),
-        "infer_ms": _percentiles(infers),
+        "frame_age_ms": percentiles(ages),
+        "service_total_ms": percentiles(totals),
+        "infer_ms": percentiles(infers),
         "end": end,
         "reconnects": _reconnects(streams_metrics),
         "machine": _machine(),

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.bench import _drive, _machine, _percentiles
+from service.bench import _drive, _machine, percentiles
 from service.bench_client import RawConnection, post_request
 from service.launcher import ServiceProcess
 
@@ -87,8 +87,8 @@ async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: fl
         "connections_opened": len(idle),
         "statuses": dict(sorted(statuses.items())),
         "accepted_fps": round(len(accepted) / wall, 2),
-        "accepted_ms": _percentiles(accepted),
-        "refused_ms": _percentiles(refused),
+        "accepted_ms": percentiles(accepted),
+        "refused_ms": percentiles(refused),
         "refused_with_retry_after": retry_after,
     }
 
