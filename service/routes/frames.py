@@ -42,7 +42,10 @@ OPENAPI_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"frame": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "frame": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+                    },
+                    "required": ["frame"],
                 }
             },
             "application/json": {
@@ -57,7 +60,6 @@ OPENAPI_BODY = {
     "responses": {
         "200": {
             "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/InferResult"}},
                 "application/x-ndjson": {"schema": {"type": "string"}, "example": '{"frame": {"id": 0, ...}}\n'},
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
                 RAW_MEDIA_TYPE: {
@@ -97,7 +99,9 @@ def _single_frame_only(options: InferOptions, what: str) -> None:
 
 @router.post(
     "/infer",
-    response_model=InferResult,
+    # one frame: one result; a multipart batch: one result per `frame` part, in order (documentation only: the
+    # route returns the orjson body it built, never re-validated)
+    response_model=InferResult | list[InferResult],
     responses=ERRORS,
     openapi_extra=OPENAPI_BODY,
     summary="Infer activity and segmentation for frames or a live source",
