@@ -7,38 +7,26 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.reliability import START_S
-from tests.service.rtsp import RtspServer, rtsp_unavailable
+from tests.service.rtsp import RtspServer
 from tests.service.server import ServerProcess
 
 STREAMS = 2
 
 
-@pytest.fixture
-def camera(video_clip: Path) -> Iterator[RtspServer]:
-    reason = rtsp_unavailable()
-    if reason:
-        pytest.skip(reason)
-    server = RtspServer(video_clip).start()
-    yield server
-    server.close()
-
-
 def test_sigterm_ends_streams_with_their_final_line_and_exits_0(
-    camera: RtspServer, endoarss_bundle: Path, tmp_path: Path
+    rtsp_server: RtspServer, endoarss_bundle: Path, tmp_path: Path
 ) -> None:
-    env = {"ENDOSTREAM_STREAM_ALLOWLIST": f"rtsp://127.0.0.1:{camera.port}/"}
+    env = {"ENDOSTREAM_STREAM_ALLOWLIST": f"rtsp://127.0.0.1:{rtsp_server.port}/"}
     service = ServerProcess(endoarss_bundle, env=env).start(tmp_path, timeout=START_S)
     outputs: list[list[dict]] = [[] for _ in range(STREAMS)]
 
     def consume(lines: list[dict]) -> None:
-        with httpx.stream("POST", f"{service.url}/infer", json={"source": camera.url}, timeout=30) as reply:
+        with httpx.stream("POST", f"{service.url}/infer", json={"source": rtsp_server.url}, timeout=30) as reply:
             lines.extend(json.loads(line) for line in reply.iter_lines() if line)
 
     readers = [threading.Thread(target=consume, args=(out,), daemon=True) for out in outputs]
