@@ -121,12 +121,18 @@ class BodyLimitMiddleware:
             return
         self.inflight += reserved
         seen = 0
-        deadline = time.monotonic() + self.read_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.read_timeout_s
+
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal seen, reserved
+            nonlocal seen, reserved, body_done
+            if body_done:  # later receives wait for the client's disconnect (streamed responses): no deadline
+                return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+                # a timeout scope, not wait_for: wait_for wraps every body chunk of every frame in a new task
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 self.metrics.rejected.labels("body_timeout").inc()
                 raise RequestTimeout(
@@ -136,6 +142,7 @@ class BodyLimitMiddleware:
                     param="body",
                 ) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     self.metrics.rejected.labels("too_large").inc()

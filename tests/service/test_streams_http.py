@@ -35,7 +35,11 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def streamer(endoarss_bundle: Path, clips: Path, tmp_path_factory) -> Iterator[ServerProcess]:
     unreachable = f"rtsp://127.0.0.1:{free_port()}/"
-    env = {"ENDOSTREAM_STREAM_ALLOWLIST": f"file:{clips}/,{unreachable}", "ENDOSTREAM_STREAM_OPEN_TIMEOUT_S": "1"}
+    env = {
+        "ENDOSTREAM_STREAM_ALLOWLIST": f"file:{clips}/,{unreachable}",
+        "ENDOSTREAM_STREAM_OPEN_TIMEOUT_S": "1",
+        "ENDOSTREAM_BODY_READ_TIMEOUT_S": "1",  # a stream outlives it: the deadline is for the request body only
+    }
     proc = ServerProcess(endoarss_bundle, env=env).start(tmp_path_factory.mktemp("streamer"))
     proc.unreachable = unreachable
     yield proc
@@ -159,3 +163,11 @@ def test_stream_metrics_while_streaming(streamer, clips) -> None:
     assert value(families, "endostream_streams_active") == 1
     assert value(families, "endostream_frames_total", outcome="processed", source="stream") >= 10
     assert "endostream_stream_reconnects" in families
+
+
+def test_a_stream_outlives_the_body_read_timeout(streamer, clips: Path) -> None:
+    body = {"source": f"file:{clips}/case.mp4", "max_seconds": 2.5, "fps": 4}
+    with httpx.stream("POST", f"{streamer.url}/infer", json=body, params={"mask": "none"}, timeout=30) as reply:
+        lines = [json.loads(line) for line in reply.iter_lines() if line]
+    assert lines[-1]["end"]["reason"] in ("max_seconds", "ended"), lines[-1]
+    assert len(lines) >= 5
