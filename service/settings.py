@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     )
     stream_open_timeout_s: float = Field(5.0, gt=0)
     stream_read_timeout_s: float = Field(5.0, gt=0)
+    stream_backoff_max_s: float = Field(
+        1.0,
+        gt=0,
+        description="longest wait between reconnect attempts to a lost camera (full jitter below it); a restarted "
+        "camera is back within this plus its open time",
+    )
     stream_backend: Literal["pyav", "opencv"] = Field(
         "pyav",
         description="stream decoder; OpenCV serialises every open in the process, so one dead camera would hold "

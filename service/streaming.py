@@ -70,6 +70,8 @@ class StreamsApi:
                 backend=settings.stream_backend,
                 open_timeout=settings.stream_open_timeout_s,
                 read_timeout=settings.stream_read_timeout_s,
+                backoff_initial=min(0.5, settings.stream_backoff_max_s),
+                backoff_max=settings.stream_backoff_max_s,
             ),
         )
         # Each stream waits for its next frame in a thread of this pool, one at a time, so max_streams threads mean

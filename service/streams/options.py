@@ -27,6 +27,8 @@ class ReaderOptions:
         realtime: file sources play at their native rate (by PTS); False decodes as fast as possible.
         loop: file sources restart at EOF instead of ending.
         backoff_initial, backoff_max, backoff_factor: delay ceiling initial * factor**(n-1) after n failures, capped.
+            The 1 s cap is for cameras next to the service: a restarted camera must be back within ~2 s (median)
+            and a refused attempt costs next to nothing; raise it for sources behind slow or metered links.
         max_reconnects: consecutive failed attempts before the state becomes "failed"; None retries forever.
     """
 
@@ -37,7 +39,7 @@ class ReaderOptions:
     realtime: bool = True
     loop: bool = False
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 1.0
     backoff_factor: float = 2.0
     max_reconnects: int | None = None
 
@@ -47,6 +49,10 @@ class ReaderOptions:
         for name in ("open_timeout", "read_timeout", "watchdog_periods", "backoff_initial", "backoff_max"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds; got {getattr(self, name)!r}")
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError(
+                f"backoff_initial ({self.backoff_initial!r}) must not exceed backoff_max ({self.backoff_max!r})"
+            )
         if self.backoff_factor < 1:
             raise ValueError(f"backoff_factor must be >= 1; got {self.backoff_factor!r}")
         if self.max_reconnects is not None and self.max_reconnects < 0:

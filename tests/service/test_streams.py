@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from service.settings import Settings
 from service.streams import (
     CapturedFrame,
     LatestFrame,
@@ -259,6 +260,12 @@ def test_backoff_delay_full_jitter_grows_and_caps() -> None:
         delays = [backoff_delay(failures, 0.1, 1.0, 2.0, rng) for _ in range(200)]
         assert 0 <= min(delays) and max(delays) <= ceiling
         assert max(delays) > 0.8 * ceiling  # jitter spans the whole range
+
+
+def test_backoff_options_are_checked_and_follow_the_service_setting() -> None:
+    with pytest.raises(ValueError, match=r"backoff_initial \(2.0\) must not exceed backoff_max \(1.0\)"):
+        ReaderOptions(backoff_initial=2.0, backoff_max=1.0)
+    assert ReaderOptions().backoff_max == Settings().stream_backoff_max_s == 1.0
 
 
 def test_unreachable_source_backs_off_and_stops_promptly() -> None:
