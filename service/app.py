@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.admission import AdaptiveLimit
 from service.batcher import Batcher
 from service.bundle import load_bundle
 from service.decoding import make_decoder
@@ -187,7 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         read_timeout_s=settings.body_read_timeout_s,
         inflight_limit=max(settings.max_inflight_body_bytes, settings.max_upload_bytes),
     )
-    app.add_middleware(FrameAdmissionMiddleware, limit=settings.max_concurrent_requests, metrics=state.metrics)
+    limit = AdaptiveLimit(settings.max_concurrent_requests, tolerance=settings.admission_latency_tolerance)
+    app.add_middleware(FrameAdmissionMiddleware, limit=limit, metrics=state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -59,6 +59,11 @@ class ServiceMetrics:
             "endostream_batch_size", "Frames per engine call.", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("endostream_queue_depth", "Frames waiting for the engine.", registry=r)
+        self.admission_limit = Gauge(
+            "endostream_admission_limit",
+            "Frame requests admitted at once now (adapts to latency; ENDOSTREAM_MAX_CONCURRENT_REQUESTS caps it).",
+            registry=r,
+        )
         self.rejected = Counter(
             "endostream_rejected_total",
             f"Requests or frames refused, by reason ({', '.join(REJECT_REASONS)}).",

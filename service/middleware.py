@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import AdaptiveLimit
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
 from service.metrics import ServiceMetrics
 
@@ -183,38 +185,81 @@ class BodyLimitMiddleware:
 
 
 class FrameAdmissionMiddleware:
-    """At most `limit` frame requests (POST with an image or multipart body) in progress; beyond it, 503 +
+    """At most `limit.limit` frame requests (POST with an image or multipart body) in progress; beyond it, 503 +
     Retry-After at once, before a byte of the body is read.
 
     Under overload the requests that cannot be served must be refused at the door: once admitted, a request's body
     is read by the event loop alongside every other admitted body, so admitting more than the engine can take only
     spreads the loop over more bodies and makes every frame late (the queue-based admission behind it never sees
-    frames that are still arriving). NDJSON stream requests are long-lived and capped by ENDOSTREAM_MAX_STREAMS.
+    frames that are still arriving). The limit adapts to the latency it causes (`service.admission`), with
+    ENDOSTREAM_MAX_CONCURRENT_REQUESTS as its ceiling. NDJSON stream requests are long-lived and capped by
+    ENDOSTREAM_MAX_STREAMS.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, limit: AdaptiveLimit, metrics: ServiceMetrics) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
         self.active = 0
+        metrics.admission_limit.set(limit.limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or _content_type(scope) == b"application/json":
+        content_type = _content_type(scope)
+        if scope["type"] != "http" or scope["method"] != "POST" or content_type == b"application/json":
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit:
+        limit = self.limit.limit
+        if self.active >= limit:
             self.metrics.rejected.labels("queue_full").inc()
             error = Overloaded(
-                f"{self.active} frame requests are in progress (ENDOSTREAM_MAX_CONCURRENT_REQUESTS={self.limit}); "
-                f"retry shortly or add capacity"
+                f"{self.active} frame requests are in progress, the most the service admits now (latency-adaptive, "
+                f"ENDOSTREAM_MAX_CONCURRENT_REQUESTS={self.limit.ceiling} at most); retry shortly or add capacity"
             )
+            await _drain_body(receive)
             await _send_error(send, error, 503, [(b"retry-after", str(error.retry_after).encode())])
             return
         self.active += 1
+        in_flight = self.active
+        body_done: float | None = None
+        status = 0
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_done = time.perf_counter()
+            return message
+
+        async def status_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, timed_receive, status_send)
         finally:
             self.active -= 1
+        if status == 503:  # the queue behind refused it: more admitted requests would only wait there
+            self.limit.shed()
+        elif status == 200 and content_type.startswith(b"image/"):
+            # One-frame requests only: a multipart batch takes longer for its size, not because the server is behind.
+            self.limit.observe(time.perf_counter() - (body_done or started), in_flight)
+        self.metrics.admission_limit.set(self.limit.limit)
+
+
+async def _drain_body(receive: Receive, deadline_s: float = 1.0) -> None:
+    """Read and drop a refused request's body (holding one chunk at a time) before answering, so the connection can
+    carry the client's next request. A server that answers and closes with the body unread makes the kernel reset the
+    connection, and the reset can destroy the 503 before the client reads it (about 1 refusal in 1,000 under 3x
+    overload). A body that does not arrive within `deadline_s` is left unread: the server then closes as before."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(deadline_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
 
 
 def _content_type(scope: Scope) -> bytes:

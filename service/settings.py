@@ -42,7 +42,13 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for a batch to fill")
     queue_limit: int = Field(64, ge=1, description="frames decoding or waiting for the engine before 503")
     max_concurrent_requests: int = Field(
-        16, ge=1, description="frame requests in progress at once; beyond it 503 before the body is read"
+        16, ge=1, description="most frame requests in progress at once; beyond the current limit 503 before the body"
+    )
+    admission_latency_tolerance: float = Field(
+        1.5,
+        ge=0,
+        description="the admission limit shrinks while frames take longer than this x the no-load latency "
+        "(service/admission.py); 0 keeps it fixed at ENDOSTREAM_MAX_CONCURRENT_REQUESTS",
     )
     max_queue_wait_ms: float | None = Field(
         100.0, gt=0, description="503 while the oldest queued frame has waited longer than this (None: no limit)"
@@ -97,6 +103,16 @@ class Settings(BaseSettings):
             return None
         if value is not None and len(value) < 16:
             raise ValueError("ENDOSTREAM_API_TOKEN must be at least 16 characters (try `openssl rand -hex 24`)")
+        return value
+
+    @field_validator("admission_latency_tolerance")
+    @classmethod
+    def _tolerance(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError(
+                f"ENDOSTREAM_ADMISSION_LATENCY_TOLERANCE={value} must be > 1 (a multiple of the no-load latency) or 0 "
+                "(a fixed limit)"
+            )
         return value
 
     @model_validator(mode="after")
