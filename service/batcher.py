@@ -179,7 +179,9 @@ class Batcher:
             if self._warm_up is not None:
                 self._warm_up(engine)
         except BaseException as err:  # reported by /readyz and the startup log; the worker ends
-            logger.exception("engine failed to start")
+            # One ERROR line comes from the lifecycle watcher, which knows whether the process exits; the traceback
+            # is for whoever debugs the backend (ENDOSTREAM_LOG_LEVEL=debug).
+            logger.debug("engine failed to start", exc_info=True)
             self.startup_error = err
             self._ready.set()
             return

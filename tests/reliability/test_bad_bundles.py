@@ -112,6 +112,7 @@ def test_bad_bundles_exit_non_zero_with_one_clear_line(endoarss_bundle: Path, tm
         phrase = CASES[case][1]
         lines = [line for line in text.splitlines() if phrase in line and (" ERROR " in line or ": error: " in line)]
         assert len(lines) == 1, f"{case}: want one error line with {phrase!r}:\n{text}"
+        assert "Traceback" not in text, f"{case}: a traceback at the default log level:\n{text}"
 
 
 def test_healthz_reports_a_failed_engine(endoarss_bundle: Path, tmp_path: Path) -> None:
