@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ab = sub.add_parser(
         "ablate", help="Table V-style ablation: backbone only / +TESLA / +SMA / all, single-task rows, Δm, seeds"
     )

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     _add_engine(bench_sub)
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_train(bench_sub)
 
 
-def _add_engine(bench_sub: argparse._SubParsersAction) -> None:
+def _add_engine(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     engine = bench_sub.add_parser("engine", help="latency (batch 1) and throughput of a bundle per backend")
     engine.add_argument(
         "bundles",
@@ -51,7 +52,7 @@ def _add_engine(bench_sub: argparse._SubParsersAction) -> None:
     engine.set_defaults(func=run_engine)
 
 
-def _add_http(bench_sub: argparse._SubParsersAction) -> None:
+def _add_http(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     http = bench_sub.add_parser(
         "http", help="the service over HTTP: e2e latency split, throughput with/without batching"
     )
@@ -84,7 +85,7 @@ def _add_http(bench_sub: argparse._SubParsersAction) -> None:
     http.set_defaults(func=run_http)
 
 
-def _add_stream(bench_sub: argparse._SubParsersAction) -> None:
+def _add_stream(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stream = bench_sub.add_parser("stream", help="a live source through the service: fps, drops, frame age")
     stream.add_argument("--source", required=True, help="rtsp://..., http(s)://... (MJPEG) or file:... URL")
     stream.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the demo bundle)")
@@ -95,7 +96,7 @@ def _add_stream(bench_sub: argparse._SubParsersAction) -> None:
     stream.set_defaults(func=run_stream)
 
 
-def _add_overload(bench_sub: argparse._SubParsersAction) -> None:
+def _add_overload(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     overload = bench_sub.add_parser(
         "overload", help="frames offered at a multiple of capacity: accepted latency, 503s, memory"
     )
@@ -111,7 +112,7 @@ def _add_overload(bench_sub: argparse._SubParsersAction) -> None:
     overload.set_defaults(func=run_overload)
 
 
-def _add_ws(bench_sub: argparse._SubParsersAction) -> None:
+def _add_ws(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ws = bench_sub.add_parser(
         "ws", help="frames pushed over /ws/infer at a fixed fps: latency per frame, share within a frame period, drops"
     )
@@ -126,7 +127,7 @@ def _add_ws(bench_sub: argparse._SubParsersAction) -> None:
     ws.set_defaults(func=run_ws)
 
 
-def _add_train(bench_sub: argparse._SubParsersAction) -> None:
+def _add_train(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     training = bench_sub.add_parser(
         "train", help="training cost of BDTA + MoTE vs a one-stream LoRA baseline on the same frozen backbone"
     )
@@ -289,7 +290,7 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
     return pairs
 
 
-def _write_report(path: Path, report: dict, summary: str) -> None:
+def _write_report(path: Path, report: dict[str, Any], summary: str) -> None:
     """A bench command's JSON report to `path`, its table to stdout."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_WORKDIR = Path("endostream-work")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo", help="the main job on the embedded default: data -> tiny model -> evaluation -> bundle -> serve"
     )

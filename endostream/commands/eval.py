@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     ev.add_argument("checkpoint", type=Path, help="checkpoint directory (RUN/best or RUN/best-merged)")
     ev.add_argument("--data", type=Path, required=True, help="dataset folder")

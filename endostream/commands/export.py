@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = sub.add_parser("export", help="turn a checkpoint into a bundle (ONNX graph + manifest)")
     export_sub = export.add_subparsers(dest="export_command", required=True)
     _add_onnx(export_sub)
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_triton(export_sub)
 
 
-def _add_onnx(export_sub: argparse._SubParsersAction) -> None:
+def _add_onnx(export_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     onnx = export_sub.add_parser("onnx", help="one ONNX graph for all tasks, uint8 frames in, results out")
     onnx.add_argument("checkpoint", type=Path, help="checkpoint directory (RUN/best or RUN/best-merged)")
     onnx.add_argument("--out", type=Path, required=True, help="bundle folder to write")
@@ -34,7 +34,7 @@ def _add_onnx(export_sub: argparse._SubParsersAction) -> None:
     onnx.set_defaults(func=run_onnx)
 
 
-def _add_quantize(export_sub: argparse._SubParsersAction) -> None:
+def _add_quantize(export_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     quantize = export_sub.add_parser("quantize", help="an INT8 bundle (static QDQ quantisation, calibrated)")
     quantize.add_argument("bundle", type=Path, help="fp32 bundle folder")
     quantize.add_argument(
@@ -55,7 +55,7 @@ def _add_quantize(export_sub: argparse._SubParsersAction) -> None:
     quantize.set_defaults(func=run_quantize)
 
 
-def _add_trt(export_sub: argparse._SubParsersAction) -> None:
+def _add_trt(export_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     trt = export_sub.add_parser("trt", help="a TensorRT engine for this GPU (needs TensorRT 10+ and a CUDA GPU)")
     trt.add_argument("bundle", type=Path, help="bundle folder (fp32, or the INT8 bundle for --int8)")
     precision = trt.add_mutually_exclusive_group()
@@ -68,7 +68,7 @@ def _add_trt(export_sub: argparse._SubParsersAction) -> None:
     trt.set_defaults(func=run_trt, precision="fp16")
 
 
-def _add_triton(export_sub: argparse._SubParsersAction) -> None:
+def _add_triton(export_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     triton = export_sub.add_parser("triton", help="a Triton Inference Server model repository from a bundle")
     triton.add_argument("bundle", type=Path, help="bundle folder (from `endostream export onnx`)")
     triton.add_argument("--out", type=Path, required=True, help="model repository folder")

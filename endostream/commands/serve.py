@@ -30,7 +30,7 @@ FLAGS: dict[str, str] = {
 }
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="the inference service: HTTP, WebSocket and RTSP frames in, results out")
     add_serve_arguments(serve)
     serve.set_defaults(func=run)

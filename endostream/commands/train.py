@@ -10,7 +10,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train = sub.add_parser("train", help="train a model from a config")
     train.add_argument("--config", required=True, help="shipped config name (tiny, endoarss_vits14, ...) or a .yaml")
     train.add_argument("--data", type=Path, help="dataset folder (overrides data.root)")
