@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install demo test quality format gpu-wheels gpu-check-cpu
+.PHONY: install demo test quality format cycles gpu-wheels gpu-check-cpu
 
 $(STAMP): pyproject.toml
 	# torch first: the pinned CPU wheel satisfies the `train` extra, so nothing pulls CUDA builds.
@@ -28,6 +28,11 @@ quality: $(STAMP)
 format: $(STAMP)
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
+
+# Import cycles among the first-party modules (standard library only; the test suite runs it too, in
+# tests/scripts/test_check_import_cycles.py).
+cycles:
+	$(PYTHON) scripts/check_import_cycles.py
 
 # Wheels the GPU machine lacks (the service's web stack, ~3 MB) into .whl/, for a device run of scripts/gpu-check.
 gpu-wheels:

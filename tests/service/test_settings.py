@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from service.cli import add_serve_arguments, settings_from_args
+from endostream.commands.serve import add_serve_arguments, settings_from_args
 from service.settings import Settings
 
 

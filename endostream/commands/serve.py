@@ -1,23 +1,19 @@
-"""`endostream serve`: flags on top of `ENDOSTREAM_*` environment settings, then uvicorn on one worker process.
+"""`endostream serve`: flags on top of the `ENDOSTREAM_*` environment settings, then the service in this process.
 
-One process on purpose: the engine (and its GPU memory) is owned by one worker thread; scale out with more
-containers, not more uvicorn workers.
+Only the service is imported (service/ never imports training/ or torch), so serving images need neither. Each flag
+defaults to None so that only what the user typed overrides the environment.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from service.settings import Settings
 
-from service.settings import DEFAULT_BUNDLE, Settings
-
-logger = logging.getLogger("endostream.service")
-
-# flag -> settings field; every flag defaults to None so only what the user typed overrides the environment
+# flag dest -> settings field
 FLAGS: dict[str, str] = {
     "bundle": "bundle",
     "host": "host",
@@ -34,7 +30,15 @@ FLAGS: dict[str, str] = {
 }
 
 
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="the inference service: HTTP, WebSocket and RTSP frames in, results out")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from service.settings import DEFAULT_BUNDLE
+
     parser.add_argument("--bundle", type=Path, help=f"bundle folder (env ENDOSTREAM_BUNDLE; default {DEFAULT_BUNDLE})")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
@@ -53,6 +57,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment first, then the flags the user gave."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
     overrides: dict[str, Any] = {
         field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag, None) is not None
     }
@@ -64,35 +72,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError(f"invalid settings (ENDOSTREAM_* variables or flags): {problems}") from None
 
 
-def run_serve(settings: Settings) -> int:
-    """Serve until interrupted; the exit status: 0 after a graceful shutdown (SIGTERM included), 1 when the engine
-    failed to start. Raises FileNotFoundError/ValueError for a missing or broken bundle."""
-    import uvicorn
+def run(args: argparse.Namespace) -> int:
+    from service.server import run_serve
 
-    from service.app import create_app
-    from service.lifecycle import GracefulServer, exit_zero_on_sigterm
-    from service.logfilter import redact_root_handlers, uvicorn_log_config
-
-    secrets = [settings.api_token] if settings.api_token else []
-    redact_root_handlers(secrets)
-    app = create_app(settings)
-    state = app.state.endostream
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=uvicorn_log_config(secrets),  # masks ?token= in handshake and access lines
-        access_log=False,  # per-request lines at 30 fps drown the log; /metrics has the numbers
-        ws_max_size=settings.max_upload_bytes,
-        # frames are JPEG/PNG already: deflating them again costs ~10 ms of CPU per 1080p frame on each side for
-        # nothing (and results are small); clients that offer permessage-deflate simply get it declined
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = GracefulServer(config, on_shutdown=state.streams_api.drain)
-    state.on_fatal = server.request_exit
-    logger.info("serving %s on http://%s:%d (docs /docs, viewer /)", settings.bundle, settings.host, settings.port)
-    with exit_zero_on_sigterm():
-        server.run()
-    return 1 if state.batcher.startup_error is not None else 0
+    return run_serve(settings_from_args(args))
