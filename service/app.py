@@ -60,6 +60,7 @@ def build_state(settings: Settings) -> AppState:
     bundle = load_bundle(settings.bundle)
     metrics = ServiceMetrics()
     spec = bundle.manifest.input
+    tracker = open_tracker(bundle, enabled=settings.temporal, reset_after_s=settings.temporal_reset_s, metrics=metrics)
     batches = sorted({1, settings.max_batch})
 
     def start_engine() -> Engine:
@@ -91,7 +92,6 @@ def build_state(settings: Settings) -> AppState:
         metrics=metrics,
         warm_up=warm,
     )
-    tracker = open_tracker(bundle, enabled=settings.temporal, reset_after_s=settings.temporal_reset_s, metrics=metrics)
     sessions = None
     if tracker is not None:
         sessions = SessionStore(

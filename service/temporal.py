@@ -66,6 +66,12 @@ class TemporalHead:
                 f"{path}: a temporal head takes `features` and `state` and gives `probs` and `state_out`; this graph "
                 f"takes {sorted(inputs)} and gives {sorted(outputs)}; re-export the bundle"
             )
+        width = inputs["features"][1] if len(inputs["features"]) == 2 else None
+        if isinstance(width, int) and width != spec.input_dim:
+            raise ValueError(
+                f"{path}: features width {width} differs from the manifest's temporal.input_dim {spec.input_dim}; "
+                "re-export the bundle"
+            )
         state_dims = list(inputs["state"][1:])
         if all(isinstance(d, int) for d in state_dims) and state_dims != list(spec.state_shape):
             raise ValueError(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -235,3 +236,18 @@ def test_malformed_temporal_blocks_are_refused(
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_bundle(bundle)
+
+
+def test_a_features_output_the_graph_lacks_stops_the_engine(temporal_bundle: Path, tmp_path: Path) -> None:
+    """A head reading pre-logit features the graph does not produce fails at engine start, not on every frame."""
+    from service.engines import EngineOptions, open_engine
+
+    bundle = tmp_path / "b"
+    shutil.copytree(temporal_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["tasks"][0]["features_output"] = "activity_features"
+    manifest["temporal"]["input_output"] = "activity_features"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_bundle(bundle)
+    with pytest.raises(ValueError, match=r"\['activity_features'\] that the graph lacks"):
+        open_engine(loaded, "onnxruntime", EngineOptions(device="cpu", threads=1))
