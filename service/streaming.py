@@ -109,6 +109,8 @@ class StreamsApi:
         self.metrics.streams_active.set(len(snapshots))
         for snap in snapshots:
             self.metrics.stream_fps.labels(snap.id).set(snap.fps)
+        if self.service.sessions is not None:
+            self.service.sessions.refresh()
         batcher = self.service.batcher
         self.metrics.ready.set(1.0 if batcher.ready else 0.0)
         engine = batcher.engine

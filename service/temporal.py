@@ -243,6 +243,12 @@ class SessionStore:
             self.metrics.temporal_sessions.set(len(self._states))
             return state
 
+    def refresh(self, now: float | None = None) -> None:
+        """Drop expired sessions and update the gauge (at scrape time: lookups alone leave idle ones counted)."""
+        with self._lock:
+            self._expire(time.monotonic() if now is None else now)
+            self.metrics.temporal_sessions.set(len(self._states))
+
     def _expire(self, now: float) -> None:
         while self._states:
             oldest = next(iter(self._states.values()))

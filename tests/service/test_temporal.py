@@ -181,6 +181,9 @@ def test_store_bound_and_ttl() -> None:
     assert metrics.temporal_evictions.labels("expired")._value.get() == 2
     assert store.get("a", now=14.0) is not first  # an expired id starts afresh
     assert metrics.temporal_sessions._value.get() == 2
+    store.refresh(now=30.0)  # a scrape long after: both idle past the TTL
+    assert len(store) == 0 and metrics.temporal_sessions._value.get() == 0
+    assert metrics.temporal_evictions.labels("expired")._value.get() == 4
 
 
 @pytest.mark.parametrize("bad", ["", "x" * 65, "has space", "semi;colon", "ünï", "a/b"])
