@@ -5,7 +5,9 @@ A frame costs one thread-pool hop before the engine and, usually, none after it:
   completion resolves the request's future on the event loop (one wake-up per frame, no hop back in between);
 - the result is then built on the event loop, because without full-resolution work it takes tens of microseconds
   (K probabilities, weighted class counts and a model-size mask). Only results that touch every frame pixel
-  (`mask_size=frame`, overlays, stream viewers' JPEGs) go back to the pool for that work.
+  (`mask_size=frame`, overlays, stream viewers' JPEGs) go back to the pool for that work;
+- a frame of a stream, WebSocket connection or HTTP session steps its temporal state (service/temporal.py) while its
+  result is built, wherever that is: one small ONNX Runtime call, cheaper than a hop elsewhere would be.
 Every stage is timed; what the stages do not cover (thread hand-offs, waiting for a worker, the event loop) is
 reported as `unattributed`, so the sum of the parts always equals `total`.
 """
