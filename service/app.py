@@ -38,6 +38,7 @@ from service.serving import InferenceService
 from service.settings import Settings
 from service.state import AppState
 from service.streaming import StreamsApi
+from service.temporal import SessionStore, open_tracker
 
 logger = logging.getLogger("endostream.service")
 
@@ -60,6 +61,7 @@ def build_state(settings: Settings) -> AppState:
     bundle = load_bundle(settings.bundle)
     metrics = ServiceMetrics()
     spec = bundle.manifest.input
+    tracker = open_tracker(bundle, enabled=settings.temporal, reset_after_s=settings.temporal_reset_s, metrics=metrics)
     batches = sorted({1, settings.max_batch})
 
     def start_engine() -> Engine:
@@ -91,7 +93,14 @@ def build_state(settings: Settings) -> AppState:
         metrics=metrics,
         warm_up=warm,
     )
-    service = InferenceService(bundle, batcher, metrics, max_pixels=settings.max_pixels)
+    sessions = None
+    if tracker is not None:
+        sessions = SessionStore(
+            ttl_s=settings.temporal_session_ttl_s, max_sessions=settings.temporal_max_sessions, metrics=metrics
+        )
+    service = InferenceService(
+        bundle, batcher, metrics, max_pixels=settings.max_pixels, temporal=tracker, sessions=sessions
+    )
     streams = StreamsApi(settings, service, metrics)
     return AppState(settings, bundle, metrics, batcher, service, streams)
 
@@ -179,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Session-Id", "X-Frame-Time"],
         )
     app.add_middleware(
         BodyLimitMiddleware,

@@ -6,6 +6,9 @@ end-to-end percentiles, the server's own per-stage split, the service overhead (
 preprocess, queue and inference), the time nobody attributed, the client-minus-server gap, throughput against the
 same bundle's engine alone (same threads, measured in the same run), and the server's CPU milliseconds per frame
 outside the engine's threads (from /proc: what decides how many streams a GPU box's CPUs can feed).
+With `temporal`, every request belongs to a session stepped once per frame (client timestamps one head interval
+apart) and a `no_temporal` variant (ENDOSTREAM_TEMPORAL=0, sessions ignored) runs beside it: the report's `temporal`
+section is what the temporal step adds per frame (its own time, and the postprocess, server and end-to-end p50s).
 bench stream reads a live source through `POST /infer` for a fixed time and reports processed fps, dropped frames
 and frame age p50/p99. The client runs on the same machine as the server: on a 2-core box it competes for the cores,
 and the JSON says so.
@@ -20,6 +23,7 @@ import os
 import platform
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,25 +62,39 @@ def percentiles(values: Sequence[float], points: Sequence[float] = (50, 95, 99))
 
 
 async def _drive(
-    url: str, frames: Sequence[bytes], concurrency: int, requests: int, params: Mapping[str, str]
+    url: str,
+    frames: Sequence[bytes],
+    concurrency: int,
+    requests: int,
+    params: Mapping[str, str],
+    session_step_s: float | None = None,
 ) -> dict[str, Any]:
     """`requests` POSTs spread over `concurrency` clients; each client sends its next frame when answered.
 
     Each client is one keep-alive connection writing prebuilt requests (`bench_client`), so the client's own CPU
-    stays out of what is measured on a machine it shares with the server.
+    stays out of what is measured on a machine it shares with the server. With `session_step_s` each client is a
+    temporal session of its own whose frames are that many seconds apart (`t`); those requests are built per frame
+    (a few microseconds of the client's time).
     """
     prepared = [post_request(f, params) for f in frames]
     latencies: list[float] = []
     replies: list[dict[str, Any]] = []
     statuses: dict[int, int] = {}
     counter = iter(range(requests))
+    run_id = uuid.uuid4().hex[:8]  # new sessions for every run: no state carried over from the warm-up
 
-    async def worker() -> None:
+    async def worker(client: int) -> None:
         conn = await RawConnection.open(url)
+        sent = 0
         try:
             for i in counter:
+                raw = prepared[i % len(prepared)]
+                if session_step_s is not None:
+                    session = {"session": f"bench-{run_id}-{client}", "t": f"{sent * session_step_s:.6f}"}
+                    raw = post_request(frames[i % len(frames)], {**params, **session})
+                    sent += 1
                 started = time.perf_counter()
-                status, headers, body = await conn.request(prepared[i % len(prepared)])
+                status, headers, body = await conn.request(raw)
                 elapsed = (time.perf_counter() - started) * 1000
                 statuses[status] = statuses.get(status, 0) + 1
                 if status != 200:
@@ -91,7 +109,7 @@ async def _drive(
             conn.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(c) for c in range(concurrency)))
     wall = time.perf_counter() - started
     return {
         "concurrency": concurrency,
@@ -121,6 +139,8 @@ def _split(e2e: Sequence[float], replies: Sequence[Mapping[str, Any]]) -> dict[s
         "client_minus_server_ms": percentiles([c - t for c, t in zip(e2e, total, strict=True)]),
         # what the client waits beyond the work a frame cannot avoid (HTTP, JSON, hops, queue, postprocess)
         "e2e_minus_engine_path_ms": percentiles([c - p for c, p in zip(e2e, engine_path, strict=True)]),
+        # the temporal head's own time per frame (part of postprocess), where it ran
+        "temporal_step_ms": percentiles([r["temporal"] for r in replies if "temporal" in r]),
         "mean_batch_size": round(statistics.fmean(r["batch_size"] for r in replies), 2) if replies else None,
         "decoder": replies[0].get("decoder", "cpu") if replies else None,
     }
@@ -209,6 +229,7 @@ def bench_http(
     also: Mapping[str, Mapping[str, str]] | None = None,
     baseline: Path | None = None,
     engine_seconds: float = 3.0,
+    temporal: bool = False,
     log_dir: Path = Path("endostream-work/bench-logs"),
 ) -> dict[str, Any]:
     """Measure the service with dynamic batching (`max_batch`) and without (batch 1), at each concurrency.
@@ -219,11 +240,16 @@ def bench_http(
         baseline: a checkout of another commit, run with batching under the same client load ("baseline"); its
             ratios against this checkout go into the report.
         engine_seconds: per batch size, for the engine-only throughput of the same bundle and threads.
+        temporal: send every client's frames as a temporal session, one head step per frame, and also serve a
+            `no_temporal` variant (ENDOSTREAM_TEMPORAL=0); the bundle needs a temporal head.
     """
     bundle = bundle.resolve()
     base_env = {**({"ENDOSTREAM_THREADS": str(threads)} if threads else {}), **(env or {})}
     variants = [ServerVariant("batching", max_batch, base_env), ServerVariant("no_batching", 1, base_env)]
+    if temporal:
+        variants.append(ServerVariant("no_temporal", max_batch, {**base_env, "ENDOSTREAM_TEMPORAL": "0"}))
     variants += [ServerVariant(name, max_batch, {**base_env, **extra}) for name, extra in (also or {}).items()]
+    step = _temporal_interval(bundle) if temporal else None
     if baseline is not None:
         variants.append(ServerVariant("baseline", max_batch, base_env, baseline.resolve()))
     params = {"mask": mask, **({"mask_size": mask_size} if mask_size else {})}
@@ -243,10 +269,10 @@ def bench_http(
         with server.start(log_dir):
             assert server.proc is not None
             engine = proc_cpu.engine_threads(server.proc.pid) if proc_cpu.supported() else frozenset()
-            asyncio.run(_drive(server.url, frames, 1, warmup, params))
+            asyncio.run(_drive(server.url, frames, 1, warmup, params, step))
             runs = {}
             for conc in concurrency:
-                drive = _drive(server.url, frames, conc, requests, params)
+                drive = _drive(server.url, frames, conc, requests, params, step)
                 runs[str(conc)] = _measured(server, engine, functools.partial(asyncio.run, drive))
         report["variants"][variant.name] = {
             "max_batch": variant.max_batch,
@@ -256,7 +282,35 @@ def bench_http(
             "runs": runs,
         }
     report["ratios"] = _ratios(report, str(max(concurrency)))
+    if temporal:
+        report["temporal"] = _temporal_cost(report["variants"]["batching"], report["variants"]["no_temporal"])
     return report
+
+
+def _temporal_interval(bundle: Path) -> float:
+    from service.bundle import load_bundle
+
+    spec = load_bundle(bundle).manifest.temporal
+    if spec is None:
+        raise ValueError(f"{bundle} has no temporal head (manifest.temporal): bench --temporal needs a bundle with one")
+    return spec.frame_interval_s
+
+
+def _temporal_cost(on: Mapping[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:
+    """Per concurrency: the temporal step's own p50, and the p50s it adds (same batching, temporal on - off)."""
+    out = {}
+    for conc, run in on["runs"].items():
+        base = off["runs"][conc]
+        out[conc] = {
+            "step_ms_p50": run["temporal_step_ms"].get("p50"),
+            "step_ms_p99": run["temporal_step_ms"].get("p99"),
+            "postprocess_p50_added_ms": round(
+                run["stage_ms"]["postprocess"]["p50"] - base["stage_ms"]["postprocess"]["p50"], 3
+            ),
+            "server_total_p50_added_ms": round(run["server_total_ms"]["p50"] - base["server_total_ms"]["p50"], 3),
+            "e2e_p50_added_ms": round(run["end_to_end_ms"]["p50"] - base["end_to_end_ms"]["p50"], 3),
+        }
+    return out
 
 
 def _ratios(report: dict[str, Any], top: str) -> dict[str, Any]:
@@ -319,6 +373,12 @@ def format_http(report: dict[str, Any]) -> str:
         f"at concurrency {ratios['concurrency']}: batching / no batching = {ratios['batching_vs_no_batching']:.2f}x, "
         f"service / engine only = {ratios['service_vs_engine_only']:.2f}x"
     )
+    for conc, cost in report.get("temporal", {}).items():
+        lines.append(
+            f"temporal step at concurrency {conc}: {cost['step_ms_p50']:.3f} ms p50 itself; adds "
+            f"{cost['postprocess_p50_added_ms']:+.3f} ms to postprocess p50, {cost['server_total_p50_added_ms']:+.3f} "
+            f"ms to the server's p50, {cost['e2e_p50_added_ms']:+.3f} ms to the client's p50 (vs no_temporal)"
+        )
     for conc, r in ratios.get("vs_baseline", {}).items():
         saving = r["cpu_outside_engine_saving"]
         lines.append(

@@ -40,6 +40,27 @@ class TaskSpec(BaseModel):
     output: str
     colors: list[list[int]] | None = None
     logits_output: str | None = None
+    features_output: str | None = None  # pre-logit features (bundles with a learned temporal head)
+
+
+class TemporalSpec(BaseModel):
+    """`manifest.temporal`: a head that turns the per-frame stream of one classification task into an online answer.
+
+    One call of `graph` is one step of `frame_interval_s` source time; README "Temporal activity in results".
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    task: str
+    method: str = Field(description="what was exported: tcn, gru, ema, hmm")
+    graph: str
+    input_output: str = Field(description="the main-graph output that feeds the head, e.g. activity_features")
+    input_dim: int = Field(gt=0)
+    state_shape: list[int] = Field(min_length=1)
+    frame_interval_s: float = Field(gt=0)
+    receptive_field_frames: int = Field(ge=1)
+    parity_max_abs_diff: float | None = None
+    graph_sha256: str | None = None  # or listed in the manifest's top-level `files` mapping
 
 
 class ManifestModel(BaseModel):
@@ -61,6 +82,8 @@ class ManifestModel(BaseModel):
     exporter_version: str
     checks: dict[str, Any] = {}
     engines: list[dict[str, Any]] = []
+    temporal: TemporalSpec | None = None
+    files: dict[str, str] = {}  # file name -> sha256, for files beyond model_file
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,11 @@ class Bundle:
     @property
     def model_path(self) -> Path:
         return self.path / self.manifest.model_file
+
+    @property
+    def temporal_graph_path(self) -> Path | None:
+        temporal = self.manifest.temporal
+        return None if temporal is None else self.path / temporal.graph
 
     @property
     def torch_program_path(self) -> Path | None:
@@ -147,4 +175,36 @@ def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
         raise ValueError(
             f"{bundle.model_path} does not match the sha256 in {manifest_path}: the bundle was modified; re-export it"
         )
+    if manifest.temporal is not None:
+        _check_temporal(bundle, manifest_path, verify=verify)
     return bundle
+
+
+def _check_temporal(bundle: Bundle, manifest_path: Path, *, verify: bool) -> None:
+    """The temporal head follows a classification task, reads one of its outputs and ships a hash-pinned graph."""
+    temporal = bundle.manifest.temporal
+    assert temporal is not None
+    where = f"{manifest_path}: temporal"
+    task = next((t for t in bundle.manifest.tasks if t.name == temporal.task), None)
+    if task is None or task.kind != "classification":
+        raise ValueError(
+            f"{where}.task {temporal.task!r} is not a classification task of this bundle "
+            f"(tasks: {[t.name for t in bundle.manifest.tasks]}); re-export the bundle"
+        )
+    outputs = {task.output, task.features_output, task.logits_output} - {None}
+    if temporal.input_output not in outputs:
+        raise ValueError(
+            f"{where}.input_output {temporal.input_output!r} is not an output of task {task.name!r} "
+            f"(it has {sorted(o for o in outputs if o)}); re-export the bundle"
+        )
+    graph = bundle.path / temporal.graph
+    if not graph.resolve().is_relative_to(bundle.path.resolve()) or not graph.is_file():
+        raise FileNotFoundError(f"{where}.graph {temporal.graph!r} is missing from {bundle.path} (or outside it)")
+    expected = temporal.graph_sha256 or bundle.manifest.files.get(temporal.graph)
+    if expected is None:
+        raise ValueError(
+            f"{where}: no sha256 for {temporal.graph} (temporal.graph_sha256 or files[{temporal.graph!r}]); "
+            "re-export the bundle"
+        )
+    if verify and sha256_file(graph) != expected:
+        raise ValueError(f"{graph} does not match its sha256 in {manifest_path}: the bundle was modified; re-export it")

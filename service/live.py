@@ -4,6 +4,7 @@ frame processed next, older pending ones are dropped and counted, and nothing qu
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 
@@ -12,13 +13,14 @@ class Pushed:
     data: bytes
     index: int  # 0-based position in the session's frame sequence
     dropped_before: int  # frames replaced by newer ones since the previous frame was taken
+    received_at: float  # time.monotonic() when it arrived (the temporal state's clock)
 
 
 class LatestSlot:
     """One-slot mailbox: `put` never blocks and replaces an untaken frame; `get` waits for the next frame."""
 
     def __init__(self) -> None:
-        self._item: tuple[bytes, int] | None = None
+        self._item: tuple[bytes, int, float] | None = None
         self._event = asyncio.Event()
         self._closed = False
         self._count = 0
@@ -31,7 +33,7 @@ class LatestSlot:
         if replaced:
             self.dropped += 1
             self._dropped_since_take += 1
-        self._item = (data, self._count)
+        self._item = (data, self._count, time.monotonic())
         self._count += 1
         self._event.set()
         return replaced
@@ -47,8 +49,8 @@ class LatestSlot:
                 return None
             self._event.clear()
             await self._event.wait()
-        data, index = self._item
+        data, index, received_at = self._item
         self._item = None
-        pushed = Pushed(data, index, self._dropped_since_take)
+        pushed = Pushed(data, index, self._dropped_since_take, received_at)
         self._dropped_since_take = 0
         return pushed

@@ -109,6 +109,23 @@ class ServiceMetrics:
         self.engine_warmup = Gauge(
             "endostream_engine_warmup_seconds", "Time spent loading and warming the engine.", registry=r
         )
+        self.label_switches = Counter(
+            "endostream_activity_label_switches_total",
+            "Changes of the activity label between consecutive results of one stream, WebSocket connection or HTTP "
+            "session (answer: frame = the per-frame label, temporal = the temporal head's); rate x 60 = flicker "
+            "per minute. Counted where a temporal head runs.",
+            ["source_kind", "answer"],
+            registry=r,
+        )
+        self.temporal_sessions = Gauge(
+            "endostream_temporal_sessions", "HTTP sessions holding a temporal state.", registry=r
+        )
+        self.temporal_evictions = Counter(
+            "endostream_temporal_sessions_evicted_total",
+            "HTTP sessions' temporal states dropped, by reason (expired: idle past the TTL; capacity: the LRU bound).",
+            ["reason"],
+            registry=r,
+        )
         for stage in STAGES:  # series exist from the start: dashboards and alerts see zeros, not "no data"
             self.stage_duration.labels(stage)
         for source in SOURCES:
@@ -116,8 +133,12 @@ class ServiceMetrics:
             for outcome in ("processed", "dropped", "failed"):
                 self.frames.labels(outcome, source)
             self.dropped.labels("stale", source)
+            for answer in ("frame", "temporal"):
+                self.label_switches.labels(source, answer)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for reason in ("expired", "capacity"):
+            self.temporal_evictions.labels(reason)
 
     def forget_stream(self, stream: str) -> None:
         """Drop a finished stream's series so ids of past streams do not pile up."""

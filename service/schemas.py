@@ -28,6 +28,28 @@ class ActivityResult(BaseModel):
     probabilities: dict[str, float]
 
 
+class TemporalActivityResult(BaseModel):
+    """The temporal head's answer for a frame of a stream, WebSocket connection or HTTP session (README "Temporal
+    activity in results"): the same classes as `activity`, from the frames of that source up to this one."""
+
+    task: str
+    label: str
+    index: int
+    confidence: float
+    probabilities: dict[str, float]
+    method: str = Field(description="what the bundle's head is: tcn, gru, ema, hmm")
+    frame_interval_s: float = Field(description="source time per head step")
+    context_frames: int = Field(description="head steps behind this answer since the state was fresh, at most the "
+                                "head's receptive field")  # fmt: skip
+    steps: int = Field(description="head steps since the state was fresh (held steps included)")
+    stepped: int = Field(
+        description="head steps this frame caused: 0 when it came less than one interval after the last step (the "
+        "answer is the latest one), k when it came k intervals later"
+    )
+    held: int = Field(description="of those, steps fed the previous frame's input (frames missing in the gap)")
+    reset: bool = Field(description="the state started fresh at this frame (first frame, long gap, new clock)")
+
+
 class ClassPresence(BaseModel):
     index: int
     name: str
@@ -66,6 +88,9 @@ class Latency(BaseModel):
     unattributed: float = Field(description="total minus the stages: thread hand-offs, waiting for a worker")
     total: float
     batch_size: int = Field(description="frames in the engine call that included this one")
+    temporal: float | None = Field(
+        None, description="part of postprocess: the temporal head's steps for this frame (present when it ran)"
+    )
     decoder: str = Field(description="where the frame was decoded and resized: cpu, or the GPU (e.g. cuda:0)")
 
 
@@ -131,6 +156,11 @@ class InferResult(BaseModel):
 
     frame: FrameInfo
     activity: ActivityResult | None = None
+    activity_temporal: TemporalActivityResult | None = Field(
+        None,
+        description="present when the bundle has a temporal head and the frame belongs to a stream, a WebSocket "
+        "connection or an HTTP session (X-Session-Id or ?session=) and activity is returned",
+    )
     segmentation: SegmentationResult | None = None
     latency_ms: Latency
     model: ModelRef

@@ -5,7 +5,9 @@ A frame costs one thread-pool hop before the engine and, usually, none after it:
   completion resolves the request's future on the event loop (one wake-up per frame, no hop back in between);
 - the result is then built on the event loop, because without full-resolution work it takes tens of microseconds
   (K probabilities, weighted class counts and a model-size mask). Only results that touch every frame pixel
-  (`mask_size=frame`, overlays, stream viewers' JPEGs) go back to the pool for that work.
+  (`mask_size=frame`, overlays, stream viewers' JPEGs) go back to the pool for that work;
+- a frame of a stream, WebSocket connection or HTTP session steps its temporal state (service/temporal.py) while its
+  result is built, wherever that is: one small ONNX Runtime call, cheaper than a hop elsewhere would be.
 Every stage is timed; what the stages do not cover (thread hand-offs, waiting for a worker, the event loop) is
 reported as `unattributed`, so the sum of the parts always equals `total`.
 """
@@ -30,6 +32,7 @@ from service.decoding import CpuDecoder, Decoded, FrameDecoder
 from service.errors import BadInput, NotReady
 from service.metrics import STAGES, ServiceMetrics
 from service.postprocess import InferOptions, Outcome, ResultBuilder, frame_jpeg
+from service.temporal import SessionStore, TemporalState, TemporalTracker, Track
 
 __all__ = ["InferOptions", "InferenceService", "Outcome"]
 
@@ -44,6 +47,7 @@ class Timings:
     infer: float = 0.0
     postprocess: float = 0.0
     encode: float = 0.0
+    temporal: float | None = None  # part of postprocess: the temporal head's steps, when it ran
     started: float = field(default_factory=time.perf_counter)
 
     def latency(self, batch_size: int, decoder: str) -> dict[str, Any]:
@@ -51,7 +55,10 @@ class Timings:
         ms = {stage: round(getattr(self, stage) * 1000, 3) for stage in STAGES}
         ms["unattributed"] = round(max(total - sum(ms.values()), 0.0), 3)
         ms["total"] = round(total, 3)
-        return {**ms, "batch_size": batch_size, "decoder": decoder}
+        out = {**ms, "batch_size": batch_size, "decoder": decoder}
+        if self.temporal is not None:
+            out["temporal"] = round(self.temporal * 1000, 3)
+        return out
 
 
 class _Job:
@@ -105,8 +112,20 @@ class _Job:
 class InferenceService:
     """Runs frames through the batcher and builds results for one bundle."""
 
-    def __init__(self, bundle: Bundle, batcher: Batcher, metrics: ServiceMetrics, *, max_pixels: int, workers: int = 4):
+    def __init__(
+        self,
+        bundle: Bundle,
+        batcher: Batcher,
+        metrics: ServiceMetrics,
+        *,
+        max_pixels: int,
+        workers: int = 4,
+        temporal: TemporalTracker | None = None,
+        sessions: SessionStore | None = None,
+    ):
         self.bundle = bundle
+        self.temporal = temporal  # None: no temporal head (or turned off): results are exactly the per-frame ones
+        self.sessions = sessions
         self.batcher = batcher
         self.metrics = metrics
         self.max_pixels = max_pixels
@@ -133,6 +152,32 @@ class InferenceService:
             raise BadInput("unknown_task", f"unknown task(s) {unknown}: this model has {sorted(known)}", param="tasks")
         return frozenset(tasks)
 
+    def new_temporal_state(self, source_kind: str) -> TemporalState | None:
+        """A fresh temporal state for a stream or WebSocket connection; None when there is no temporal head."""
+        return TemporalState(source_kind) if self.temporal is not None else None
+
+    def session_track(self, session: str | None, frame_time: float | None) -> Track | None:
+        """Where an HTTP frame of `session` sits in its session's time (client time, else arrival time).
+
+        None without a session, and (a documented no-op) when the bundle has no temporal head.
+        """
+        if session is None:
+            if frame_time is not None:
+                raise BadInput(
+                    "frame_time_without_session",
+                    "a frame time (X-Frame-Time or t) only means something within a session: add X-Session-Id or "
+                    "?session=",
+                    param="t",
+                    value=frame_time,
+                )
+            return None
+        if self.temporal is None or self.sessions is None:
+            return None
+        state = self.sessions.get(session)
+        if frame_time is None:
+            return Track(state, time.monotonic(), "arrival")
+        return Track(state, frame_time, "source")
+
     def model_ref(self) -> dict[str, str]:
         """What runs the model, for every result; fixed once the engine is up, so built once."""
         if self._model_ref is not None:
@@ -153,7 +198,7 @@ class InferenceService:
 
     # ------------------------------------------------------------------------------------------------ frames
     async def infer_bytes(
-        self, data: bytes, options: InferOptions, *, frame_id: int = 0, source: str = "http"
+        self, data: bytes, options: InferOptions, *, frame_id: int = 0, source: str = "http", track: Track | None = None
     ) -> Outcome:
         """Decode an encoded frame and run it; BadInput for anything that is not a usable image."""
         timings = Timings()
@@ -166,16 +211,22 @@ class InferenceService:
             raise
         frame = {"id": frame_id, "timestamp": None, "captured_at": None, "width": decoded.width,
                  "height": decoded.height, "dropped_before": 0, "frame_jpeg": None}  # fmt: skip
-        build = functools.partial(self._build, decoded, batch, frame, options, timings, decoded.frame)
+        build = functools.partial(self._build, decoded, batch, frame, options, timings, decoded.frame, track)
         return await self._finish(build, options, timings, source)
 
     async def infer_array(
-        self, image: np.ndarray, frame: dict[str, Any], options: InferOptions, *, source: str = "stream"
+        self,
+        image: np.ndarray,
+        frame: dict[str, Any],
+        options: InferOptions,
+        *,
+        source: str = "stream",
+        track: Track | None = None,
     ) -> Outcome:
         """Run an already decoded RGB frame (stream readers decode in their own threads); `frame` is its info."""
         timings = Timings()
         decoded, batch = await self._through_engine(self._resize, (image, timings), timings)
-        build = functools.partial(self._build, decoded, batch, frame, options, timings, image)
+        build = functools.partial(self._build, decoded, batch, frame, options, timings, image, track)
         return await self._finish(build, options, timings, source)
 
     async def _through_engine(
@@ -249,12 +300,19 @@ class InferenceService:
         options: InferOptions,
         timings: Timings,
         pixels: np.ndarray | None,
+        track: Track | None = None,
     ) -> Outcome:
         """The result from the engine outputs (postprocess), then the mask, overlay or frame encoding (encode)."""
         t0 = time.perf_counter()
         builder = self.results
         height, width = frame["height"], frame["width"]
         activity = builder.activity(batch.outputs, options.tasks)
+        temporal = None
+        if track is not None and self.temporal is not None:
+            # stepped whatever the client asked to see, so the state stays continuous; shown with the activity
+            ts = time.perf_counter()
+            temporal = self.temporal.observe(track, batch.outputs)
+            timings.temporal = time.perf_counter() - ts
         segmentation, mask = builder.segmentation(batch.outputs, options, height, width)
         timings.postprocess = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -268,11 +326,10 @@ class InferenceService:
         if options.include_frame and pixels is not None:
             frame["frame_jpeg"] = frame_jpeg(pixels)
         timings.encode = time.perf_counter() - t1
-        result = {
-            "frame": frame,
-            "activity": activity,
-            "segmentation": segmentation,
-            "latency_ms": timings.latency(batch.batch_size, decoded.device),
-            "model": self.model_ref(),
-        }
+        result: dict[str, Any] = {"frame": frame, "activity": activity}
+        if temporal is not None and activity is not None:
+            result["activity_temporal"] = temporal
+        result["segmentation"] = segmentation
+        result["latency_ms"] = timings.latency(batch.batch_size, decoded.device)
+        result["model"] = self.model_ref()
         return Outcome(result, raw_mask, image)

@@ -91,6 +91,19 @@ class Settings(BaseSettings):
         "streams never queue behind each other (beyond it: 429)",
     )
 
+    temporal: bool = Field(
+        True, description="run the bundle's temporal head when it has one (0: results carry no activity_temporal)"
+    )
+    temporal_reset_s: float = Field(
+        10.0, gt=0, description="a gap longer than this between frames of one source starts its temporal state afresh"
+    )
+    temporal_session_ttl_s: float = Field(
+        60.0, gt=0, description="an HTTP session's temporal state is dropped after this long without a frame"
+    )
+    temporal_max_sessions: int = Field(
+        1024, ge=1, description="HTTP sessions' temporal states kept at once (least recently used dropped beyond it)"
+    )
+
     @field_validator("stream_allowlist", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

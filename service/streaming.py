@@ -28,6 +28,7 @@ from service.streams.reader import FINAL_STATES, ReaderOptions
 from service.streams.registry import StreamNotFound, StreamRegistry
 from service.streams.registry import TooManyStreams as RegistryFull
 from service.streams.sources import SourceNotAllowed
+from service.temporal import Track
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class StreamsApi:
         self.metrics.streams_active.set(len(snapshots))
         for snap in snapshots:
             self.metrics.stream_fps.labels(snap.id).set(snap.fps)
+        if self.service.sessions is not None:
+            self.service.sessions.refresh()
         batcher = self.service.batcher
         self.metrics.ready.set(1.0 if batcher.ready else 0.0)
         engine = batcher.engine
@@ -151,6 +154,9 @@ class StreamsApi:
         period = 1.0 / request.fps if request.fps else 0.0
         reason = "ended"
         loop = asyncio.get_running_loop()
+        # this stream's temporal state: it lives and dies with this generator, so no other stream sees it and a
+        # stream opened again starts fresh
+        temporal = self.service.new_temporal_state("stream")
         try:
             while True:
                 if self._closing.is_set():
@@ -188,8 +194,15 @@ class StreamsApi:
                     "dropped_before": max(dropped, 0),
                     "frame_jpeg": None,
                 }
+                track = None
+                if temporal is not None:  # source time: the stream's PTS, else when the reader decoded the frame
+                    track = (
+                        Track(temporal, frame.pts, "source")
+                        if frame.pts is not None
+                        else Track(temporal, frame.captured_at, "arrival")
+                    )
                 try:
-                    outcome = await self.service.infer_array(frame.image, info, options, source="stream")
+                    outcome = await self.service.infer_array(frame.image, info, options, source="stream", track=track)
                 except ServiceError as err:
                     yield _line({**err.body(), "frame": {"id": frame.index}})
                     continue

@@ -39,3 +39,12 @@ def labelled_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     synthesize_dataset(root, images=40, seed=4, height=96, width=96, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def temporal_bundle(endoarss_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle with an EMA temporal head (alpha 0.5, 0.1 s per step, 8 frames of context): a stand-in for
+    the real exporter, see tests/service/temporal_bundle.py."""
+    from tests.service.temporal_bundle import add_ema_head
+
+    return add_ema_head(endoarss_bundle, tmp_path_factory.mktemp("temporal") / "bundle")

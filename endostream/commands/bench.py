@@ -81,6 +81,12 @@ def _add_http(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="CHECKOUT",
         help="also serve from this source tree (e.g. `git worktree add ../before HEAD~1`) and report ratios",
     )
+    http.add_argument(
+        "--temporal",
+        action="store_true",
+        help="each client is a temporal session stepped once per frame, beside a no_temporal variant "
+        "(ENDOSTREAM_TEMPORAL=0): reports what the temporal step adds per frame (the bundle needs a temporal head)",
+    )
     http.add_argument("--json", type=Path, required=True, help="where the results go")
     http.set_defaults(func=run_http)
 
@@ -186,6 +192,7 @@ def run_http(args: argparse.Namespace) -> int:
             name: _key_values(pairs.split(","), "--also") for name, _, pairs in (a.partition(":") for a in args.also)
         },
         baseline=args.baseline,
+        temporal=args.temporal,
     )
     report["frame_size"] = args.size
     _write_report(args.json, report, format_http(report))

@@ -101,9 +101,10 @@ def check_outputs(bundle: Bundle, engine: Engine) -> None:
 
     Warm-up only runs the graph; without this check such a bundle would report ready and fail every request.
     """
-    wanted = [t.output for t in bundle.manifest.tasks] + [
-        t.logits_output for t in bundle.manifest.tasks if t.logits_output
-    ]
+    tasks = bundle.manifest.tasks
+    wanted = [t.output for t in tasks] + [t.logits_output for t in tasks if t.logits_output]
+    # the temporal head's input is one of these (bundle.py checks that at load)
+    wanted += [t.features_output for t in tasks if t.features_output]
     missing = [name for name in wanted if name not in engine.output_names]
     if missing:
         raise ValueError(

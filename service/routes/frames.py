@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -20,6 +20,7 @@ from service.deps import Authorized, Service, State
 from service.errors import BadInput, UnsupportedMediaType
 from service.postprocess import RAW_MEDIA_TYPE, InferOptions, Outcome
 from service.schemas import ErrorBody, InferResult, MaskFormat, MaskSize, StreamRequest
+from service.temporal import parse_frame_time, parse_session
 
 router = APIRouter(tags=["inference"], dependencies=[Authorized])
 
@@ -118,11 +119,35 @@ async def infer(
     ] = "model",
     tasks: Annotated[str | None, Query(description="comma-separated tasks to return (default: all)")] = None,
     overlay: Annotated[bool, Query(description="return the frame with the mask and label drawn (PNG)")] = False,
+    session: Annotated[
+        str | None,
+        Query(
+            description="temporal session id (1-64 of A-Z a-z 0-9 . _ : -): frames of one session share a temporal "
+            "state and get `activity_temporal` (same as the X-Session-Id header; ignored by bundles without a "
+            "temporal head)"
+        ),
+    ] = None,
+    t: Annotated[
+        str | None,
+        Query(description="the frame's time in seconds within its session (same as X-Frame-Time; default: arrival)"),
+    ] = None,
+    x_session_id: Annotated[str | None, Header(description="temporal session id (see `session`)")] = None,
+    x_frame_time: Annotated[str | None, Header(description="the frame's time in seconds (see `t`)")] = None,
 ) -> Response:
     options = _options(service, request, mask, mask_size, tasks, overlay)
+    session_id = parse_session(_one_of("session", x_session_id, session))
+    frame_time = parse_frame_time(_one_of("t", x_frame_time, t))
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if (session_id is not None or frame_time is not None) and content_type not in IMAGE_TYPES:
+        raise BadInput(
+            "session_single_frame",
+            "a temporal session takes one frame per request, in time order; multipart batches and streams (which "
+            "carry their own temporal state) take no session",
+            param="session",
+        )
     if content_type in IMAGE_TYPES:
-        outcome = await service.infer_bytes(await request.body(), options)
+        track = service.session_track(session_id, frame_time)
+        outcome = await service.infer_bytes(await request.body(), options, track=track)
         if outcome.image is not None:
             return Response(outcome.image, media_type=f"image/{options.overlay}", headers=_summary(outcome.result))
         if options.mask == "raw":
@@ -148,6 +173,17 @@ async def infer(
         param="content-type",
         value=content_type,
     )
+
+
+def _one_of(param: str, header: str | None, query: str | None) -> str | None:
+    if header is not None and query is not None and header != query:
+        raise BadInput(
+            f"conflicting_{param}",
+            f"the header says {header[:80]!r} and the query {query[:80]!r}: send one of them",
+            param=param,
+            value=query[:80],
+        )
+    return header if header is not None else query
 
 
 async def _infer_multipart(request: Request, service: Service, state: State, options: InferOptions) -> Response:
@@ -183,4 +219,8 @@ def _summary(result: dict[str, Any]) -> dict[str, str]:
     if activity is not None:
         headers["X-Activity"] = activity["label"]
         headers["X-Activity-Confidence"] = f"{activity['confidence']:.4f}"
+    temporal = result.get("activity_temporal")
+    if temporal is not None:
+        headers["X-Activity-Temporal"] = temporal["label"]
+        headers["X-Activity-Temporal-Confidence"] = f"{temporal['confidence']:.4f}"
     return headers

@@ -73,6 +73,8 @@ async def model(state: State) -> dict[str, Any]:
             "queue_limit": state.batcher.queue_limit,
         },
         "ready": state.batcher.ready,
+        # the temporal head that runs (None: the bundle has none, or ENDOSTREAM_TEMPORAL=0)
+        "temporal": None if state.service.temporal is None else state.service.temporal.describe(),
     }
 
 

@@ -2,7 +2,9 @@
 
 Frames arriving while the engine is busy replace each other (latest wins); each result says in
 `frame.dropped_before` how many were skipped. A bad frame gets an error message and the session goes on. With
-`mask=raw` each result is a binary message in the compact format (README "Compact responses").
+`mask=raw` each result is a binary message in the compact format (README "Compact responses"). With a temporal head
+the connection carries one temporal state, stepped on the frames' arrival times (so frames dropped to stay live
+advance time by the gap they leave); it ends with the connection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from service.live import LatestSlot
 from service.postprocess import InferOptions
 from service.schemas import MaskFormat, MaskSize
 from service.state import AppState
+from service.temporal import Track
 
 router = APIRouter(tags=["inference"])
 
@@ -53,6 +56,7 @@ async def ws_infer(
         return
     slot = LatestSlot()
     metrics = state.metrics
+    temporal = service.new_temporal_state("websocket")
 
     async def receive() -> None:
         try:
@@ -77,8 +81,11 @@ async def ws_infer(
     receiver = asyncio.create_task(receive())
     try:
         while (pushed := await slot.get()) is not None:
+            track = None if temporal is None else Track(temporal, pushed.received_at, "arrival")
             try:
-                outcome = await service.infer_bytes(pushed.data, options, frame_id=pushed.index, source="websocket")
+                outcome = await service.infer_bytes(
+                    pushed.data, options, frame_id=pushed.index, source="websocket", track=track
+                )
             except ServiceError as err:
                 body = err.body()
                 body["frame"] = {"id": pushed.index}

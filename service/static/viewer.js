@@ -11,6 +11,8 @@ const READY_POLL_MS = 2000;
 const TOKEN_KEY = "endostream.token"; // sessionStorage: the token lives as long as the tab
 const STAGES = ["decode", "preprocess", "queue", "infer", "postprocess", "encode", "unattributed"];
 const TYPES = { jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", bmp: "image/bmp" };
+// this page's uploads, for the temporal answer (getRandomValues works on plain http too; randomUUID does not)
+const SESSION_ID = `viewer-${Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("")}`;
 
 const state = {
   model: null, // the /model reply
@@ -278,6 +280,7 @@ function showResult(result, rtt) {
   $("activity-confidence").textContent = activity ? pct(activity.confidence) : "";
   const probabilities = Object.entries(activity?.probabilities ?? {});
   $("probabilities").replaceChildren(...probabilities.map(([name, p]) => bar(name, p, name === activity.label)));
+  showTemporal(result.activity_temporal);
 
   const segmentation = result.segmentation;
   const colours = segmentation ? palette(segmentation.task).colors : [];
@@ -308,8 +311,20 @@ function showResult(result, rtt) {
     "aria-label",
     `Frame ${frame.width} by ${frame.height} pixels` +
       (activity ? `, activity ${activity.label} (${pct(activity.confidence)})` : "") +
+      (result.activity_temporal ? `, over time ${result.activity_temporal.label}` : "") +
       (classes ? `, segmented classes: ${classes}` : ""),
   );
+}
+
+/** The temporal head's answer beside the per-frame one; hidden for bundles without a head. */
+function showTemporal(temporal) {
+  $("activity-temporal").hidden = !temporal;
+  if (!temporal) return;
+  $("temporal-label").textContent = temporal.label;
+  $("temporal-confidence").textContent = pct(temporal.confidence);
+  const span = (temporal.context_frames * temporal.frame_interval_s).toFixed(1);
+  const steps = `${temporal.context_frames} step${temporal.context_frames === 1 ? "" : "s"}`;
+  $("temporal-context").textContent = `${steps} · ${span} s of context (${temporal.method})`;
 }
 
 function bar(name, p, best) {
@@ -359,7 +374,8 @@ async function uploadFiles(files) {
       const response = await api("/infer?mask=png", {
         method: "POST",
         body: file,
-        headers: { "Content-Type": contentType(file) },
+        // one temporal session per page: uploads get the temporal answer too (ignored without a temporal head)
+        headers: { "Content-Type": contentType(file), "X-Session-Id": SESSION_ID },
       });
       const result = await response.json();
       const rtt = performance.now() - started;

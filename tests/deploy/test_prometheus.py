@@ -1,14 +1,15 @@
 """The shipped dashboard and alert rules against a real Prometheus fed by the real service (no Docker needed).
 
-The service runs as a process on loopback with the tiny bundle; Debian's `prometheus` runs with the shipped
-deploy/prometheus/prometheus.yml, rewritten only where it must be (targets -> loopback ports, intervals -> 1 s, the
-rule file -> its absolute path), and loads the shipped deploy/prometheus/alerts.yml. Traffic: single frames and
-multipart batches through POST /infer (some corrupt -> 400, a wrong type -> 415, a forbidden source -> 403, batches
-larger than the queue -> 503), a WebSocket burst (frames dropped to stay live), a file: stream playing a generated
-clip, and an RTSP source that never answers (stream down, reconnects). Then every PromQL expression of the dashboard
-and of the rules is evaluated through /api/v1/query at one instant while both streams are live, and each must return
-data, except the GPU panels (dcgm-exporter needs an NVIDIA GPU): those must only parse. Alert expressions are
-conditions, so their operands are evaluated instead (tests/deploy/promql.py explains how).
+The service runs as a process on loopback with the tiny bundle and a temporal head (tests/service/temporal_bundle.py);
+Debian's `prometheus` runs with the shipped deploy/prometheus/prometheus.yml, rewritten only where it must be (targets
+-> loopback ports, intervals -> 1 s, the rule file -> its absolute path), and loads the shipped
+deploy/prometheus/alerts.yml. Traffic: single frames and multipart batches through POST /infer (some corrupt -> 400, a
+wrong type -> 415, a forbidden source -> 403, batches larger than the queue -> 503), a WebSocket burst (frames dropped
+to stay live), a file: stream playing a generated clip, an RTSP source that never answers (stream down, reconnects), and
+an HTTP temporal session cycling through different frames (activity label switches of both answers). Then every PromQL
+expression of the dashboard and of the rules is evaluated through /api/v1/query at one instant while both streams are
+live, and each must return data, except the GPU panels (dcgm-exporter needs an NVIDIA GPU): those must only parse. Alert
+expressions are conditions, so their operands are evaluated instead (tests/deploy/promql.py explains how).
 
 The value every panel query returned is printed at the end of the run (terminal summary) and written to
 `prometheus-values.json` in the test's temporary folder.
@@ -279,6 +280,15 @@ def _drive_frames(base: str) -> dict[str, int]:
     return statuses
 
 
+def _temporal_session(base: str, count: int = 24) -> None:
+    """One HTTP session cycling through the frames, one head step each: labels switch in both answers."""
+    frames = [_jpeg(7, i) for i in range(6)]
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for i in range(count):
+            headers = {"content-type": "image/jpeg", "X-Session-Id": "flicker", "X-Frame-Time": f"{0.1 * i:.1f}"}
+            client.post("/infer", content=frames[(i // 2) % len(frames)], headers=headers, params={"mask": "none"})
+
+
 def _websocket_burst(base: str, frames: list[bytes], count: int = 40) -> None:
     """Frames pushed faster than the engine takes them: the latest wins and the rest count as dropped."""
     from websockets.sync.client import connect
@@ -328,7 +338,7 @@ def _number(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def run(
-    endoarss_bundle: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    temporal_bundle: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[dict]:
     """Service + Prometheus + traffic, then every query evaluated at one instant while the streams are live."""
     workdir = tmp_path_factory.mktemp("prometheus")
@@ -336,7 +346,7 @@ def run(
     dead = SilentRtspServer()
     flapping = FlappingMjpegCamera(_jpeg(5, 1, 96, 128))
     service = ServerProcess(
-        endoarss_bundle,
+        temporal_bundle,
         env={
             "ENDOSTREAM_STREAM_ALLOWLIST": (
                 f"file:{workdir}/,rtsp://127.0.0.1:{dead.port}/,http://127.0.0.1:{flapping.port}/"
@@ -358,7 +368,10 @@ def run(
         streams.open("flapping", f"http://127.0.0.1:{flapping.port}/camera.mjpg", STREAM_SECONDS)
         # ... then the same traffic twice with scrapes in between: series created by the first round (a status
         # class, a rejection reason) already exist when the second moves them.
+        session = threading.Thread(target=_temporal_session, args=(service.url,))
+        session.start()  # beside the first round: the dead camera's stream must still be down when it is over
         statuses = _drive_frames(service.url)
+        session.join(60)
         time.sleep(1.5)
         for code, n in _drive_frames(service.url).items():
             statuses[code] = statuses.get(code, 0) + n
@@ -429,6 +442,19 @@ def test_every_dashboard_query_returns_data(run: dict) -> None:
     assert gpu == GPU_PANELS, f"GPU (dcgm) panels changed: update GPU_PANELS and the report; found {sorted(gpu)}"
     empty = [f"{q.owner} [{q.ref}]: {q.promql}" for q, a in answers if not q.gpu and not a["data"]["result"]]
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+def test_label_switches_of_both_answers_were_counted(run: dict) -> None:
+    """The flicker panel shows real switches, not zero series: the traffic changed both labels."""
+    panel = [a for q, a in run["answers"] if q.owner.startswith("Activity label switches")]
+    assert panel, "the dashboard lost its label-switch panel"
+    moved = {
+        (s["metric"]["source_kind"], s["metric"]["answer"])
+        for s in panel[0]["data"]["result"]
+        if float(s["value"][1]) > 0
+    }
+    assert {("http", "frame"), ("http", "temporal")} <= moved, moved
+    assert ("stream", "frame") in moved, moved
 
 
 def test_gpu_panels_say_they_need_dcgm(run: dict) -> None:

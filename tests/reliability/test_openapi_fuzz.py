@@ -25,8 +25,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def server(endoarss_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(endoarss_bundle)
+def server(temporal_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # the tiny bundle with a temporal head: generated session ids and frame times reach real temporal state too
+    proc = ServerProcess(temporal_bundle)
     proc.start(tmp_path_factory.mktemp("fuzz-server"))
     yield proc
     proc.stop()

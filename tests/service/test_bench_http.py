@@ -91,3 +91,31 @@ def test_report_is_json(report: dict, tmp_path: Path) -> None:
     path = tmp_path / "http.json"
     path.write_text(json.dumps(report))
     assert json.loads(path.read_text())["ratios"] == report["ratios"]
+
+
+def test_temporal_comparison(temporal_bundle: Path, frames, tmp_path: Path) -> None:
+    """`--temporal`: sessions stepped once per frame beside a no_temporal variant, and the added p50s reported."""
+    report = bench_http(
+        temporal_bundle,
+        [encode(f) for f in frames[:2]],
+        concurrency=(2,),
+        requests=16,
+        warmup=2,
+        max_batch=2,
+        temporal=True,
+        engine_seconds=0.2,
+        log_dir=tmp_path,
+    )
+    assert list(report["variants"]) == ["batching", "no_batching", "no_temporal"]
+    on, off = report["variants"]["batching"]["runs"]["2"], report["variants"]["no_temporal"]["runs"]["2"]
+    assert on["statuses"] == off["statuses"] == {"200": 16}
+    assert on["temporal_step_ms"]["count"] == 16 and off["temporal_step_ms"]["count"] == 0  # turned off: ignored
+    cost = report["temporal"]["2"]
+    assert 0 < cost["step_ms_p50"] <= on["stage_ms"]["postprocess"]["p50"] + 1e-3
+    assert cost["e2e_p50_added_ms"] == pytest.approx(on["end_to_end_ms"]["p50"] - off["end_to_end_ms"]["p50"], abs=1e-3)
+    assert "temporal step at concurrency 2" in format_http(report)
+
+
+def test_temporal_comparison_needs_a_head(endoarss_bundle: Path) -> None:
+    with pytest.raises(ValueError, match="no temporal head"):
+        bench_http(endoarss_bundle, [b"x"], temporal=True, engine_seconds=0.1)

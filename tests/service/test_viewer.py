@@ -164,6 +164,7 @@ def test_upload_draws_frame_mask_overlay_and_readouts(server, page: Page, frames
     assert page.locator("#activity").get_attribute("aria-live") == "polite"
     assert activity["label"] in (canvas.get_attribute("aria-label") or "")
     expect(page.locator("#probabilities li")).to_have_count(len(activity["probabilities"]))
+    expect(page.locator("#activity-temporal")).to_be_hidden()  # this bundle has no temporal head
     for present in result["segmentation"]["classes"]:
         expect(page.locator("#classes")).to_contain_text(present["name"])
     expect(page.locator("#latency-total")).to_have_text(re.compile(r"^\d+\.\d$"))
@@ -195,6 +196,36 @@ def test_background_class_is_left_clear(server, page: Page, frames, tmp_path: Pa
     _check_overlay(shot, raw, mask, _colours(server))
     background = _frame_mask(mask, raw) == 0
     assert np.abs(shot - raw)[background].max() <= 12, "background pixels must show the frame untouched"
+
+
+@pytest.fixture(scope="module")
+def temporal_server(temporal_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(temporal_bundle)
+    proc.start(tmp_path_factory.mktemp("temporal-server"))
+    yield proc
+    proc.stop()
+
+
+def test_temporal_answer_is_shown_beside_the_frame_answer(temporal_server, page: Page, frames, tmp_path: Path) -> None:
+    jpegs = [encode(f) for f in frames[:2]]
+    for i, jpeg in enumerate(jpegs):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg)
+    first = _infer(temporal_server, jpegs[0])  # no session: the per-frame answer only
+    _open(page, temporal_server)
+    page.set_input_files("#files", str(tmp_path / "0.jpg"))
+    expect(page.locator("#view")).to_have_attribute("data-frames", "1", timeout=WAIT_MS)
+    # the page's uploads are one session: its first frame starts a fresh state, whose EMA is the frame's answer
+    expect(page.locator("#activity-temporal")).to_be_visible()
+    expect(page.locator("#activity-label")).to_have_text(first["activity"]["label"])
+    expect(page.locator("#temporal-label")).to_have_text(first["activity"]["label"])
+    expect(page.locator("#temporal-confidence")).to_have_text(f"{100 * first['activity']['confidence']:.1f} %")
+    expect(page.locator("#temporal-context")).to_have_text("1 step · 0.1 s of context (ema)")
+    assert "over time" in (page.locator("#view").get_attribute("aria-label") or "")
+    assert page.locator("#activity-temporal").get_attribute("aria-live") == "polite"
+    page.wait_for_timeout(300)  # > one 0.1 s step: the next upload advances the session
+    page.set_input_files("#files", str(tmp_path / "1.jpg"))
+    expect(page.locator("#view")).to_have_attribute("data-frames", "2", timeout=WAIT_MS)
+    expect(page.locator("#temporal-context")).to_have_text(re.compile(r"^[2-8] steps · \d\.\d s of context \(ema\)$"))
 
 
 def test_error_body_is_shown(server, page: Page) -> None:
