@@ -59,7 +59,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from training.config import load_config
-    from training.trainer import train
+    from training.engine.trainer import train
 
     overrides = list(args.overrides)
     if args.data is not None:
@@ -98,7 +98,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     if args.corruptions is not None:
-        from training.robustness import parse_corruptions, parse_severities, run_robustness
+        from training.eval.robustness import parse_corruptions, parse_severities, run_robustness
 
         run_robustness(
             args.checkpoint,
@@ -112,7 +112,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
         )
         return 0
-    from training.evaluate import run_evaluation
+    from training.eval.evaluate import run_evaluation
 
     run_evaluation(
         args.checkpoint,
@@ -148,7 +148,7 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ablate(args: argparse.Namespace) -> int:
-    from training.ablation import run_ablation
+    from training.jobs.ablation import run_ablation
 
     run_ablation(
         args.config,
@@ -178,7 +178,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     """Each step is skipped when its output exists, so a second run goes straight to serving."""
-    from training.demo import run_demo
+    from training.jobs.demo import run_demo
 
     bundle = args.workdir / "bundle"
     if not (bundle / "manifest.json").is_file():
@@ -510,7 +510,7 @@ def _run_bench_stream(args: argparse.Namespace) -> int:
 
 
 def _run_bench_train(args: argparse.Namespace) -> int:
-    from training.train_cost import bench_train_cost
+    from training.jobs.train_cost import bench_train_cost
 
     report = bench_train_cost(
         bdta_config=args.bdta_config,

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.adapters import iter_adapter_layers, merge_and_unload
+from training.adapters.tuner import iter_adapter_layers, merge_and_unload
+from training.builders.shared import build_model
 from training.config import ExperimentConfig, from_dict
-from training.factory import build_model
 from training.models.endoarss import EndoARSS
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 from torch import Tensor, nn
 
-from training.adapters import active_tasks
+from training.adapters.tuner import active_tasks
 from training.models.heads import run_task_heads
 from training.models.multitask import MultiTaskModule
 

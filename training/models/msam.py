@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.adapters import active_tasks, iter_adapter_layers, merge_and_unload
+from training.adapters.tuner import active_tasks, iter_adapter_layers, merge_and_unload
 from training.models.multitask import MultiTaskModule
 from training.models.sam_decoder import DensePositionEncoding
 from training.models.sam_encoder import SamImageEncoder
