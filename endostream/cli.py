@@ -59,7 +59,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from training.config import load_config
-    from training.engine.trainer import train
+    from training.engine.run import train
 
     overrides = list(args.overrides)
     if args.data is not None:
@@ -98,7 +98,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     if args.corruptions is not None:
-        from training.eval.robustness import parse_corruptions, parse_severities, run_robustness
+        from training.eval.corruptions import parse_corruptions, parse_severities
+        from training.eval.robustness import run_robustness
 
         run_robustness(
             args.checkpoint,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.builders.shared import build_model
+from training.builders.registry import build_model
 from training.checkpoint import save_checkpoint
 from training.config import load_config
 from training.data.writer import synth_labels

@@ -231,7 +231,8 @@ class MSAMSection:
 @dataclass
 class ModelConfig:
     family: Literal["endoarss", "sak", "msam", "bdta"] = field(
-        default="endoarss", metadata={"help": "model family; training.builders.shared.FAMILIES maps it to its builder"}
+        default="endoarss",
+        metadata={"help": "model family; training.builders.registry.FAMILIES maps it to a builder"},
     )
     image_size: tuple[int, int] = (128, 128)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

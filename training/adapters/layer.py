@@ -8,7 +8,7 @@ own token stream through the backbone; the streams are stacked task-major on the
 - `AdapterLinear` wraps (never copies) the original `nn.Linear`, peft-style (`peft/tuners/lora/layer.py`): factors in
   `nn.ParameterDict`s `lora_A` / `lora_B` keyed by adapter name ("shared" and each task name), `r` and `scaling`
   dicts, one `delta_weight(task)` serving forward equivalence, merge and unmerge. It can adapt only some output row
-  slices, e.g. q and v of a fused qkv projection. The adapter kinds are strategy objects (`adapter_variants.py`).
+  slices, e.g. q and v of a fused qkv projection. The adapter kinds are strategy objects (`variants.py`).
 - `TaskLinear` is the adapter-free merged form: one weight per task stacked (T, out, in) and the shared bias, applied
   with one batched matmul; what merged checkpoints and exported graphs hold.
 

@@ -12,7 +12,7 @@ U2 G_t^T U1^T with the task core G_t = G x3 U3[t] (R1 x R2). Parameters: R1 R2 R
 more costs R3 numbers where T independent LoRAs of rank r cost r (d + k) (`parameter_growth`).
 
 In this code base TA-LoRA is a third adapter variant (strategy object, next to `SharedLoraVariant` and `TeslaVariant`
-in `adapter_variants.py`) inside `AdapterLinear`, so it keeps the layer's contract: `delta_weight(task)`, `merge`,
+in `variants.py`) inside `AdapterLinear`, so it keeps the layer's contract: `delta_weight(task)`, `merge`,
 `unmerge`, task-major stacked streams (`set_active_tasks`), and `merge_and_unload` folding it into per-task stacked
 weights. The factors are plain parameters of the layer, `ta_lora_G`, `ta_lora_U1`, `ta_lora_U2`, `ta_lora_U3` (one
 set for all tasks, hence no per-task ParameterDict). With row slices (e.g. q and v of a fused qkv) the adapted rows
@@ -36,15 +36,13 @@ Task weights (eq. 6, sum_t w_t L_t / sum_t w_t) are the trainer's `train.weighti
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from training.adapters._layer_protocol import AdaptedLayer
 from training.adapters.variants import AdapterVariant
-
-if TYPE_CHECKING:
-    from training.adapters.layer import AdapterLinear
 
 TA_LORA_ADAPTER = "ta_lora"
 """Key of TA-LoRA's entry in `AdapterLinear.r` / `.scaling`; not usable as a task name."""
@@ -73,7 +71,7 @@ class TaskAwareLoraVariant(AdapterVariant):
     factor_names: ClassVar[tuple[str, ...]] = ("ta_lora_G", "ta_lora_U1", "ta_lora_U2", "ta_lora_U3")
 
     @classmethod
-    def init(cls, layer: AdapterLinear, tasks: Sequence[str], rank: Any, alpha: float) -> None:
+    def init(cls, layer: AdaptedLayer, tasks: Sequence[str], rank: Any, alpha: float) -> None:
         """Register G (zeros) and U1, U2, U3 (standard normal) on `layer`: the update starts at exactly zero.
 
         Args:
@@ -111,12 +109,12 @@ class TaskAwareLoraVariant(AdapterVariant):
         return TA_LORA_ADAPTER
 
     @staticmethod
-    def adapted_rows(layer: AdapterLinear) -> int:
+    def adapted_rows(layer: AdaptedLayer) -> int:
         """k: the number of output rows the update covers (all row slices together)."""
         return sum(stop - start for start, stop in layer.row_slices)
 
     @staticmethod
-    def task_cores(layer: AdapterLinear, tasks: Sequence[str], dtype: torch.dtype) -> Tensor:
+    def task_cores(layer: AdaptedLayer, tasks: Sequence[str], dtype: torch.dtype) -> Tensor:
         """G x3 U3[t] for each task in `tasks`: T R1 R2."""
         u3 = layer.ta_lora_U3.to(dtype)  # T_all R3
         if tuple(tasks) != layer.tasks:
@@ -124,7 +122,7 @@ class TaskAwareLoraVariant(AdapterVariant):
         return torch.einsum("pql,tl->tpq", layer.ta_lora_G.to(dtype), u3)
 
     @classmethod
-    def delta(cls, layer: AdapterLinear, task: str, dtype: torch.dtype) -> Tensor:
+    def delta(cls, layer: AdaptedLayer, task: str, dtype: torch.dtype) -> Tensor:
         core = cls.task_cores(layer, (task,), dtype)[0]  # R1 R2
         u1, u2 = layer.ta_lora_U1.to(dtype), layer.ta_lora_U2.to(dtype)  # d R1, k R2
         update = u2 @ core.transpose(0, 1) @ u1.transpose(0, 1)  # k d: slice t of dW, transposed to (out, in)
@@ -132,7 +130,7 @@ class TaskAwareLoraVariant(AdapterVariant):
         return update.reshape(len(layer.row_slices), -1, layer.in_features)  # S o in
 
     @classmethod
-    def forward(cls, layer: AdapterLinear, x: Tensor, tasks: Sequence[str]) -> Tensor:
+    def forward(cls, layer: AdaptedLayer, x: Tensor, tasks: Sequence[str]) -> Tensor:
         # x U1 is shared by every stream; only the R1 x R2 core differs per task, so the per-task part is one small
         # bmm over the stacked streams, whatever the number of tasks.
         cores = cls.task_cores(layer, tasks, x.dtype)  # T R1 R2
@@ -158,14 +156,14 @@ def _gram_gap(matrices: Tensor, penalty: OrthPenalty) -> Tensor:
     return gap.square().sum(dim=(-2, -1)) if penalty == "squared" else torch.linalg.matrix_norm(gap)
 
 
-def orthogonality_terms(layer: AdapterLinear, penalty: OrthPenalty = "squared") -> Tensor:
+def orthogonality_terms(layer: AdaptedLayer, penalty: OrthPenalty = "squared") -> Tensor:
     """One layer's gaps in fp32: [U1, U2, G_1, ..., G_R3] (2 + R3), as norms or squared norms (`penalty`)."""
     u1, u2, core = (getattr(layer, name).float() for name in ("ta_lora_U1", "ta_lora_U2", "ta_lora_G"))
     slices = core.permute(2, 0, 1)  # R3 R1 R2: G_v = G[:, :, v]
     return torch.cat([_gram_gap(u1, penalty).reshape(1), _gram_gap(u2, penalty).reshape(1), _gram_gap(slices, penalty)])
 
 
-def orthogonal_regularization(layers: Iterable[AdapterLinear], penalty: OrthPenalty = "squared") -> Tensor:
+def orthogonal_regularization(layers: Iterable[AdaptedLayer], penalty: OrthPenalty = "squared") -> Tensor:
     """The regulariser without lambda (module docstring): "norm" the mean of every gap over slices and layers,
     "squared" the per-layer sum of squared gaps (eq. 5) averaged over layers; a zero tensor for no layers."""
     if penalty not in get_args(OrthPenalty):

@@ -334,6 +334,23 @@ def merge_and_unload(model: nn.Module, tasks: str | Sequence[str] | None = None)
     return unloaded
 
 
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose `backbone` holds per-task merged weights and no adapter factors.
+
+    Does not work in place: the training model keeps its adapters. The tasks merged are `model.tasks`, or only the
+    first one when `model.per_task_streams` is False (one shared stem: every task's fold is the same).
+    A model without adapter layers (a family whose adaptation lives outside the backbone) is its own merged form
+    and is returned as it is.
+    """
+    if next(iter_adapter_layers(model), None) is None:
+        return model
+    merged = copy.copy(model)  # shallow: share heads/SMA modules; only the backbone is replaced
+    merged._modules = dict(model._modules)
+    tasks = model.tasks if model.per_task_streams else model.tasks[0]
+    merged._modules["backbone"] = merge_and_unload(model.backbone, tasks)
+    return merged
+
+
 def prepare_for_merged_weights(
     model: nn.Module, config: AdapterConfig, tasks: str | Sequence[str] | None = None
 ) -> list[str]:

@@ -21,14 +21,13 @@ with one einsum. Merging and unmerging are generic in the layer (W + delta), sin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from training.adapters.layer import AdapterLinear
+from training.adapters._layer_protocol import AdaptedLayer
 
 SHARED_ADAPTER = "shared"
 
@@ -39,7 +38,7 @@ class AdapterVariant:
     per_task: ClassVar[bool] = False
 
     @classmethod
-    def init(cls, layer: AdapterLinear, tasks: Sequence[str], rank: Any, alpha: float) -> None:
+    def init(cls, layer: AdaptedLayer, tasks: Sequence[str], rank: Any, alpha: float) -> None:
         """Register this variant's factors on `layer` (A kaiming-uniform, B zeros: the adapter starts as a no-op).
 
         Args:
@@ -62,12 +61,12 @@ class AdapterVariant:
         raise NotImplementedError("AdapterVariant subclasses must define adapter_for")
 
     @staticmethod
-    def forward(layer: AdapterLinear, x: Tensor, tasks: Sequence[str]) -> Tensor:
+    def forward(layer: AdaptedLayer, x: Tensor, tasks: Sequence[str]) -> Tensor:
         """Scaled adapter output per slice, M S o, for task-major input rows M in."""
         raise NotImplementedError("AdapterVariant subclasses must define forward")
 
     @classmethod
-    def delta(cls, layer: AdapterLinear, task: str, dtype: torch.dtype) -> Tensor:
+    def delta(cls, layer: AdaptedLayer, task: str, dtype: torch.dtype) -> Tensor:
         """Scaled weight update of `task` per slice, S o in, computed in `dtype`."""
         name = cls.adapter_for(task)
         lora_a, lora_b = layer.lora_A[name].to(dtype), layer.lora_B[name].to(dtype)  # S*r in, S o r
@@ -88,7 +87,7 @@ class SharedLoraVariant(AdapterVariant):
         return SHARED_ADAPTER
 
     @staticmethod
-    def forward(layer: AdapterLinear, x: Tensor, tasks: Sequence[str]) -> Tensor:
+    def forward(layer: AdaptedLayer, x: Tensor, tasks: Sequence[str]) -> Tensor:
         lora_a, lora_b = layer.lora_A[SHARED_ADAPTER], layer.lora_B[SHARED_ADAPTER]  # S*r in, S o r
         slices, _, rank = lora_b.shape
         hidden = F.linear(x, lora_a).reshape(-1, slices, rank)  # M S r
@@ -109,7 +108,7 @@ class TeslaVariant(AdapterVariant):
         return task
 
     @staticmethod
-    def forward(layer: AdapterLinear, x: Tensor, tasks: Sequence[str]) -> Tensor:
+    def forward(layer: AdaptedLayer, x: Tensor, tasks: Sequence[str]) -> Tensor:
         # Stacking the per-task Parameters keeps one Parameter per task (its own state-dict key and optimizer state)
         # while the computation is a single bmm; the stack's backward routes each task's rows to its own factors.
         lora_a = torch.stack([layer.lora_A[task] for task in tasks])  # T S*r in

@@ -1,6 +1,6 @@
 """Build the BDTA + MoTE family (`model.family: bdta`) from a typed config.
 
-`build` is registered in `training.builders.shared.FAMILIES`; the family's training-cost claim is measured by
+`build` is registered in `training.builders.registry.FAMILIES`; the family's training-cost claim is measured by
 `training.jobs.train_cost` (`endostream bench train`).
 """
 

@@ -1,4 +1,4 @@
-"""Build the mSAM family (`model.family: msam`) from a typed config; registered in `training.builders.shared.FAMILIES`.
+"""Build the mSAM family (`model.family: msam`) from a typed config (registered in `registry.FAMILIES`).
 
 mSAM (shared/papers/ta-lora-sam.md §3.3; shared/MODEL_NOTES.md §3): a SAM image encoder (frozen, adapters from
 `model.adapters` on its qkv, TA-LoRA in the shipped configs, LayerNorms trainable with `tune_layernorm`), the prompt

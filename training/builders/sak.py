@@ -1,10 +1,11 @@
-"""The SAK family (`model.family: sak`): the builder registered in `training.builders.shared.FAMILIES`, and stage 1.
+"""The SAK family (`model.family: sak`): the builder registered in `training.builders.registry.FAMILIES`.
 
 Paper: shared/papers/sak.md; facts and decisions: shared/MODEL_NOTES.md §2. Two stages, both `endostream train`:
 
 - stage 1 (`model.sak.stage: 1`, config `sak_stage1`): distillation only, on any unlabeled frames (a folder of images
-  and/or videos, `--data`); the student is the stem + TSAPs (+ aligners). `train_stage1` runs it, keeps a held-out
-  share of the frames and reports the paper's "Rep Sim" (cosine between TSAP outputs and teacher features) on them.
+  and/or videos, `--data`); the student is the stem + TSAPs (+ aligners). `training.engine.stage1.Stage1Trainer`
+  runs it, keeps a held-out share of the frames and reports the paper's "Rep Sim" (cosine between TSAP outputs and
+  teacher features) on them.
 - stage 2 (`model.sak.stage: 2`): the ordinary multi-task trainer with task losses + gamma * distillation through
   the model's `auxiliary_losses`; `model.sak.init_from` starts it from a stage-1 checkpoint.
 
@@ -16,26 +17,27 @@ stem trains (all weights, the shared LoRA of `model.adapters`, or frozen).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
-from training.adapters.tuner import AdapterConfig, apply_adapters, iter_adapter_layers, mark_only_adapters_trainable
+from training.adapters.tuner import (
+    AdapterConfig,
+    apply_adapters,
+    iter_adapter_layers,
+    mark_only_adapters_trainable,
+    merge_and_unload,
+)
 from training.builders.backbones import build_backbone
 from training.builders.shared import build_configured_backbone, check_image_size
-from training.config import ExperimentConfig, ModelConfig, SAKSection, TeacherSpec, write_config
-from training.distill.cache import TeacherFeatureCache, collate_images, default_cache_dir, teacher_fingerprint
-from training.distill.teachers import TeacherBank, TeacherView, distillation_losses, evenly_spaced_levels
+from training.checkpoint_format import read_checkpoint_files
+from training.config import ModelConfig, SAKSection, TeacherSpec
+from training.distill.cache import TeacherFeatureCache, default_cache_dir, teacher_fingerprint
+from training.distill.teachers import TeacherBank, TeacherView, evenly_spaced_levels
 from training.models.sak import SAK, MoRRouter, MultiLevelSegmentationHead, PooledActivityHead, TeacherSpecificPath
 from training.models.vit import VisionTransformer
 
@@ -52,7 +54,7 @@ def build(
     load_backbone_weights: bool = True,
     merged: bool = False,
 ) -> SAK:
-    """Build SAK for `tasks` (none in stage 1); the signature of `training.builders.shared.build_endoarss`.
+    """Build SAK for `tasks` (none in stage 1); the signature of `training.builders.endoarss.build`.
 
     With `load_backbone_weights` the stem checkpoint, the teachers and `model.sak.init_from` are loaded and the teacher
     feature cache is attached; without it (a checkpoint follows) only the student is built, with aligner widths taken
@@ -220,12 +222,14 @@ def load_stage1(path: str | Path, backbone: nn.Module, paths: nn.ModuleDict, ali
 
     Teachers missing from the checkpoint keep their fresh TSAP (warned); a stem of another shape is an error.
     """
-    from training.adapters.tuner import merge_and_unload
-    from training.checkpoint import load_checkpoint
-
-    source = load_checkpoint(path).model
-    if not isinstance(source, SAK):
-        raise ValueError(f"model.sak.init_from {path} holds a {type(source).__name__} checkpoint, not SAK")
+    files = read_checkpoint_files(path)
+    if files.config.model.family != "sak":
+        raise ValueError(f"model.sak.init_from {path} holds a {files.config.model.family} checkpoint, not SAK")
+    source = build(files.config.model, files.labels["tasks"], load_backbone_weights=False, merged=files.merged)
+    try:
+        source.load_state_dict(files.state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{path} does not match the architecture in its config.json: {err}") from err
     stem = source.backbone
     layers = [layer for _, layer in iter_adapter_layers(stem)]
     if layers:
@@ -244,193 +248,3 @@ def load_stage1(path: str | Path, backbone: nn.Module, paths: nn.ModuleDict, ali
             f"model.sak.init_from {path} does not fit this model (stem, levels or teachers): {err}"
         ) from err
     logger.info("stage 2 starts from stage-1 checkpoint %s (teachers %s)", path, list(source.paths))
-
-
-# ---------------------------------------------------------------------------------------------------------- stage 1
-def holdout_split(names: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
-    """(train, held-out) indices: the `fraction` of frames with the smallest name hashes (stable across runs)."""
-    count = len(names)
-    held = round(fraction * count)
-    if fraction > 0 and count >= 2:
-        held = min(max(held, 1), count - 1)
-    order = sorted(range(count), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())
-    chosen = set(order[:held])
-    return [i for i in range(count) if i not in chosen], sorted(chosen)
-
-
-@torch.inference_mode()
-def held_out_scores(model: SAK, dataset: Any, batch_size: int) -> dict[str, Any]:
-    """Mean distillation loss and Rep Sim (per teacher and their mean) of `model` over `dataset`."""
-    from training.distill.teachers import representation_similarity
-
-    was_training = model.training
-    model.eval()
-    device = model.pixel_mean.device
-    loss_sum, images = 0.0, 0
-    similarity: dict[str, float] = {}
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images):
-        batch = batch.to(device)
-        student, targets = model.distill_features(batch), model.teacher_targets(batch)
-        loss_sum += float(sum(distillation_losses(student, targets).values())) * len(batch)
-        for key, values in representation_similarity(student, targets).items():
-            similarity[key] = similarity.get(key, 0.0) + float(values.sum())
-        images += len(batch)
-    model.train(was_training)
-    rep_sim = {key: value / max(images, 1) for key, value in similarity.items()}
-    rep_sim["mean"] = sum(rep_sim.values()) / max(len(rep_sim), 1)
-    return {"distill": loss_sum / max(images, 1), "rep_sim": rep_sim, "images": images}
-
-
-def train_stage1(
-    cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, device: str | None = None, progress: bool = True
-) -> Any:
-    """SAK stage 1: distil the teachers into stem + TSAPs on the unlabeled frames of `cfg.data.root`.
-
-    Run folder: `config.yaml`, `metrics.jsonl` (per epoch: train loss per teacher, held-out loss and Rep Sim),
-    `last/` (+ `trainer_state.pt`) and `best/` (highest held-out Rep Sim); stage 2 starts from either with
-    `model.sak.init_from`. Returns the trainer's `TrainResult`.
-    """
-    from training.builders.shared import build_model
-    from training.checkpoint import save_checkpoint
-    from training.data.unlabeled import UnlabeledFrames
-    from training.engine.distributed import average_gradients, barrier, broadcast_module, init_distributed, shutdown
-    from training.engine.trainer import STATE_FILE, TrainResult, build_optimizer, build_scheduler, seed_everything
-
-    if cfg.data.root is None:
-        raise ValueError("data.root is not set: pass --data DIR (a folder of images and/or videos) for stage 1")
-    if not cfg.model.sak.teachers:
-        raise ValueError("SAK stage 1 distils teachers: list them in model.sak.teachers")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    ctx = init_distributed(device)
-    seed_everything(cfg.train.seed)
-    started = time.perf_counter()
-    frames = UnlabeledFrames(cfg.data.root, cfg.model.image_size, video_stride=cfg.model.sak.video_stride)
-    train_idx, held_idx = holdout_split(frames.names, cfg.model.sak.holdout)
-    train_set = Subset(frames, train_idx)
-    held_set = Subset(frames, held_idx) if held_idx else train_set
-    if not held_idx:
-        logger.warning(
-            "no held-out frames (%d frames, holdout %.2f): Rep Sim is measured on the training frames",
-            len(frames),
-            cfg.model.sak.holdout,
-        )
-    model = build_model(cfg.model, []).to(ctx.device)
-    if cfg.model.backbone.checkpoint is not None:
-        from training.builders.shared import resolved_backbone_overrides
-
-        cfg.model.backbone.overrides = resolved_backbone_overrides(model.backbone)
-    broadcast_module(model, ctx)
-    params = [p for p in model.parameters() if p.requires_grad]
-    sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, seed=cfg.train.seed) if ctx.enabled else None
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.train.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate_images,
-        drop_last=len(train_set) >= cfg.train.batch_size * ctx.world_size,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
-    optimizer = build_optimizer(cfg, params)
-    scheduler = build_scheduler(cfg, optimizer, max(1, len(loader)))
-    if isinstance(model.feature_source, TeacherFeatureCache):
-        model.feature_source.fill(frames, batch_size=cfg.train.batch_size, progress=progress and ctx.is_main)
-    start_epoch, best = 0, {"score": -math.inf, "epoch": -1, "metrics": {}}
-    state_path = run_dir / "last" / STATE_FILE
-    if resume and state_path.is_file():
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(run_dir / "last" / "model.safetensors"), device=str(ctx.device)))
-        state = torch.load(state_path, map_location=ctx.device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        logger.info("resumed stage 1 from %s at epoch %d", run_dir / "last", start_epoch)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run_dir / "config.yaml")
-        logger.info(
-            "SAK stage 1 %s: %d training / %d held-out frames, teachers %s, %s trainable parameters",
-            cfg.name,
-            len(train_set),
-            len(held_idx),
-            list(model.paths),
-            f"{sum(p.numel() for p in params):,}",
-        )
-    labels = {"tasks": [], "source": {"stage": 1, "frames": str(cfg.data.root), "count": len(frames)}}
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.train.epochs):
-        epoch_start = time.perf_counter()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        model.train()
-        totals: dict[str, float] = {}
-        steps = 0
-        bar = tqdm(
-            loader,
-            desc=f"stage 1 epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not (progress and ctx.is_main),
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for images in bar:
-            images = images.to(ctx.device)
-            terms = distillation_losses(model.distill_features(images), model.teacher_targets(images))
-            loss = torch.stack(list(terms.values())).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(params, ctx)
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            for name, value in terms.items():
-                key = f"loss.distill.{name.split('/')[0]}"
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
-            steps += 1
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        if ctx.is_main:
-            scores = held_out_scores(model, held_set, cfg.train.eval_batch_size)
-            score = scores["rep_sim"]["mean"]
-            record = {
-                "epoch": epoch + 1,
-                **{key: value / max(1, steps) for key, value in totals.items()},
-                "val": scores,
-                "val_score": score,
-                "lr": scheduler.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - epoch_start, 2),
-            }
-            with (run_dir / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            meta = {"epoch": epoch + 1, "val": scores}
-            last = save_checkpoint(model, cfg, labels, run_dir / "last", meta=meta)
-            improved = score > best["score"]
-            if improved:
-                best = {"score": score, "epoch": epoch + 1, "metrics": scores}
-                save_checkpoint(model, cfg, labels, run_dir / "best", meta=meta)
-            state = {
-                "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best": best,
-            }
-            torch.save(state, last / STATE_FILE)
-            logger.info(
-                "stage 1 epoch %d: held-out distill %.4f, Rep Sim %s%s (%.0fs)",
-                epoch + 1,
-                scores["distill"],
-                {k: round(v, 4) for k, v in scores["rep_sim"].items()},
-                " *best*" if improved else "",
-                record["seconds"],
-            )
-        barrier(ctx)
-        limit = cfg.train.time_limit_minutes
-        if limit is not None and (time.perf_counter() - started) / 60 >= limit:
-            logger.warning("time limit of %.1f min reached after epoch %d", limit, epoch + 1)
-            break
-    shutdown(ctx)
-    seconds = time.perf_counter() - started
-    # Stage 1 writes no merged checkpoint: stage 2 starts from RUN/best (model.sak.init_from).
-    return TrainResult(run_dir, best["epoch"], best["score"], best["metrics"], epoch + 1, seconds, run_dir / "best")

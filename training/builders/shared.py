@@ -1,8 +1,8 @@
-"""Build models from typed configs and task lists (the only place configs meet constructors)."""
+"""Pieces every family builder shares: adapter config from the model config, the configured backbone, image-size
+checks, adapters on the backbone, task heads, and parameter counts."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -12,18 +12,13 @@ from torch import nn
 from training.adapters.tuner import (
     AdapterConfig,
     apply_adapters,
-    mark_only_adapters_trainable,
     prepare_for_merged_weights,
 )
 from training.builders.backbones import build_backbone, describe
 from training.config import BackboneConfig, ModelConfig
-from training.layers.sma import SMA
-from training.models.endoarss import EndoARSS
 from training.models.heads import ActivityHead, ProjectedHead, SegmentationHead, aspp_rates_for_grid
 
 logger = logging.getLogger(__name__)
-
-TASK_KINDS = ("classification", "segmentation")
 
 
 def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig | None:
@@ -45,83 +40,6 @@ def adapter_config(cfg: ModelConfig, task_names: Sequence[str]) -> AdapterConfig
         orth_weight=section.orth_weight,
         orth_penalty=section.orth_penalty,
         tune_layernorm=section.tune_layernorm,
-    )
-
-
-# family -> "module:function" building it with the signature of `build_endoarss`; imported on first use so a family's
-# extra code (teachers, SAM decoders) loads only when that family is built.
-FAMILIES: dict[str, str] = {
-    "endoarss": "training.builders.shared:build_endoarss",
-    "sak": "training.builders.sak:build",
-    "bdta": "training.builders.bdta:build",
-    "msam": "training.builders.msam:build",
-}
-
-
-def build_model(
-    cfg: ModelConfig,
-    tasks: Sequence[dict[str, Any]],
-    *,
-    load_backbone_weights: bool = True,
-    merged: bool = False,
-) -> nn.Module:
-    """Build the model of `cfg.family` for `tasks` (the `tasks` list of labels.json).
-
-    Every family returns a module with the `training.models.protocol.MultiTaskModel` interface, which is all the
-    trainer, the evaluator, checkpoints and the exporter rely on.
-
-    Args:
-        cfg: model section of the experiment config.
-        tasks: dicts with `name`, `kind` ("classification" | "segmentation") and `classes`.
-        load_backbone_weights: read pretrained weights named by the config (False when a full checkpoint follows).
-        merged: build the adapter-free merged form (per-task stacked weights) that merged checkpoints hold.
-    """
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"model.family {cfg.family!r} is not built by this version; known: {sorted(FAMILIES)}")
-    for task in tasks:
-        if task.get("kind") not in TASK_KINDS:
-            raise ValueError(f"task {task.get('name')!r} has kind {task.get('kind')!r}; expected one of {TASK_KINDS}")
-    module_name, function = FAMILIES[cfg.family].split(":")
-    builder = getattr(importlib.import_module(module_name), function)
-    return builder(cfg, tasks, load_backbone_weights=load_backbone_weights, merged=merged)
-
-
-def build_endoarss(
-    cfg: ModelConfig,
-    tasks: Sequence[dict[str, Any]],
-    *,
-    load_backbone_weights: bool = True,
-    merged: bool = False,
-) -> EndoARSS:
-    """EndoARSS (paper): DINOv2 + shared LoRA + TESLA per-task streams + SMA, ASPP and activity heads."""
-    backbone = build_configured_backbone(cfg.backbone, load_weights=load_backbone_weights, frozen=cfg.backbone.freeze)
-    height, width = check_image_size(cfg, backbone.patch_size)
-    patch = backbone.patch_size
-    names = [t["name"] for t in tasks]
-    adapters, per_task_streams = attach_adapters(backbone, cfg, names, merged=merged)
-    if cfg.backbone.freeze and not merged:
-        mark_only_adapters_trainable(backbone)
-
-    grid = (height // patch, width // patch)
-    dim = backbone.embed_dim
-    heads = build_task_heads(cfg, tasks, dim, grid)
-    sma = None
-    if cfg.sma.enabled:
-        sma = SMA(
-            in_chans=3,
-            dim=cfg.sma.dim,
-            kernel_size=cfg.sma.kernel_size,
-            patch_size=tuple(cfg.sma.patch_size),
-            groups=cfg.sma.groups,
-        )
-    return EndoARSS(
-        backbone=backbone,
-        heads=heads,
-        task_kinds={t["name"]: t["kind"] for t in tasks},
-        sma=sma,
-        per_task_streams=per_task_streams,
-        pixel_mean=tuple(cfg.pixel_mean),
-        pixel_std=tuple(cfg.pixel_std),
     )
 
 

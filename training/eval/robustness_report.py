@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from training.eval.robustness import FAMILIES, FAMILY_OF
+from training.eval.corruptions import FAMILIES, FAMILY_OF
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from training.config import ExperimentConfig, load_config
 from training.data.labels import read_labels
-from training.engine.trainer import train
+from training.engine.run import train
 from training.eval.evaluate import run_evaluation
 from training.eval.report import DELTA_M_METRICS, TABLE_COLUMNS, delta_m, load_result, same_baseline
 

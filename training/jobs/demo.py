@@ -8,7 +8,7 @@ from pathlib import Path
 
 from training.config import load_config
 from training.data.writer import synthesize_dataset, write_clip
-from training.engine.trainer import train
+from training.engine.run import train
 from training.eval.evaluate import run_evaluation
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from training.builders.backbones import build_backbone
+from training.builders.registry import build_model
 from training.config import ModelConfig, TrainConfig, load_config
+from training.data.writer import synth_labels
+from training.engine.supervised import split_parameters, task_losses
+from training.engine.weighting import build_weighting
 from training.models.heads import ProjectedHead
 
 logger = logging.getLogger(__name__)
@@ -71,8 +76,6 @@ def training_step(
     Args:
         train_cfg: its `weighting` (and DB-MTL beta / STCH settings) are used; None: equal weights.
     """
-    from training.engine.trainer import split_parameters, task_losses
-    from training.engine.weighting import build_weighting  # the trainer imports the factory, which imports the builders
 
     train_cfg = train_cfg or TrainConfig(weighting="ew")
     weighting = build_weighting(
@@ -151,7 +154,6 @@ def _child_peak_mib(
 
     Two steps at least: the first allocates gradients and optimiser state, the second runs with them in place.
     """
-    from training.builders.shared import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -222,10 +224,6 @@ def bench_train_cost(
         (median), step_seconds_min, peak_memory_mib and peak_step_memory_mib (see the module docstring; absent where
         they cannot be measured) and saved_activation_mib.
     """
-    from training.builders.backbones import build_backbone
-    from training.builders.shared import build_model
-    from training.data.writer import synth_labels
-    from training.engine.trainer import task_losses
 
     bdta_full = load_config(bdta_config, list(overrides))
     bdta_cfg, train_cfg = bdta_full.model, bdta_full.train

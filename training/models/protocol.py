@@ -29,15 +29,8 @@ class MultiTaskModel(Protocol):
         """Parameter names owned by each task (heads, per-task adapters); the rest is shared."""
         ...
 
-
-@runtime_checkable
-class ExportableModel(MultiTaskModel, Protocol):
-    """Families whose inference form differs from their training form implement this; the exporter calls it.
-
-    EndoARSS does not need to: `export.graph.prepare_for_export` knows its adapters and position table.
-    """
-
     def inference_copy(self, height: int, width: int) -> nn.Module:
         """An eval-mode copy for a fixed `height` x `width` input with every adapter merged, every training-only
-        part (teachers, aligners, router noise) dropped, and position tables pinned; the original is untouched."""
+        part (teachers, aligners, router noise) dropped, and position tables pinned; the original is untouched.
+        The exporter traces this copy and nothing else (`export.graph.prepare_for_export`)."""
         ...

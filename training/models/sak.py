@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.adapters.tuner import iter_adapter_layers, merge_and_unload
-from training.distill.teachers import TeacherBank, distillation_losses
+from training.distill.losses import distillation_losses
+from training.distill.teachers import TeacherBank
 from training.models.heads import ActivityHead
 from training.models.multitask import MultiTaskModule
 

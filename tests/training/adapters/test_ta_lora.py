@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.training.conftest import TINY_OVERRIDES
 from tests.training.adapters.test_adapters import (
     BATCH,
     DIM,
@@ -26,6 +25,7 @@ from tests.training.adapters.test_adapters import (
     check_merge_layers,
     streams,
 )
+from tests.training.conftest import TINY_OVERRIDES
 from training.adapters.layer import AdapterLinear, TaskLinear
 from training.adapters.ta_lora import (
     PAPER_RANKS,
@@ -50,11 +50,12 @@ from training.adapters.tuner import (
     unmerge_adapters,
 )
 from training.builders.backbones import build_backbone
-from training.builders.shared import build_model
+from training.builders.registry import build_model
 from training.config import load_config
 from training.data.writer import synth_labels
 from training.engine.distributed import init_distributed
-from training.engine.trainer import Trainer, seed_everything
+from training.engine.supervised import TaskTrainer
+from training.engine.trainer import seed_everything
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -285,7 +286,7 @@ def test_only_factors_train_and_the_frozen_base_stays_byte_identical(tune_layern
 def test_trainer_step_adds_the_regulariser_and_keeps_the_frozen_backbone(synth_data: Path, tmp_path: Path) -> None:
     overrides = [*TINY_OVERRIDES, f"data.root={synth_data}", "model.backbone.freeze=true"]
     cfg = load_config("tiny_talora", [*overrides, "model.adapters.tune_layernorm=true", "train.epochs=1"])
-    trainer = Trainer(cfg, tmp_path, init_distributed("cpu"), progress=False)
+    trainer = TaskTrainer(cfg, tmp_path, init_distributed("cpu"), progress=False)
     assert trainer.model.per_task_streams
     backbone = trainer.model.backbone
     frozen = {n: p.detach().clone() for n, p in backbone.named_parameters() if not p.requires_grad}
@@ -311,7 +312,7 @@ def test_regulariser_gradient_is_added_after_the_task_gradients_are_clipped(synt
         overrides = [*TINY_OVERRIDES, f"data.root={synth_data}", "optim.grad_clip=0.01", "train.epochs=1"]
         cfg = load_config("tiny_talora", [*overrides, f"model.adapters.orth_weight={orth_weight}"])
         seed_everything(cfg.train.seed)
-        trainer = Trainer(cfg, tmp_path / str(orth_weight), init_distributed("cpu"), progress=False)
+        trainer = TaskTrainer(cfg, tmp_path / str(orth_weight), init_distributed("cpu"), progress=False)
         grads: dict[str, torch.Tensor] = {}
 
         def record() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from training.builders.backbones import build_backbone
-from training.builders.shared import build_model
+from training.builders.registry import build_model
 from training.config import load_config
 from training.distill.cache import FeatureStore, TeacherFeatureCache, image_key, teacher_fingerprint
 

@@ -11,7 +11,7 @@ from endostream.cli import main
 from tests.training.conftest import TINY_OVERRIDES
 from training.checkpoint import load_checkpoint
 from training.config import load_config
-from training.engine.trainer import train
+from training.engine.run import train
 
 
 @pytest.fixture(scope="module")

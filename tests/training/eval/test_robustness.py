@@ -10,8 +10,8 @@ import pytest
 from endostream.cli import main
 from tests.training.conftest import TINY_OVERRIDES
 from training.config import load_config
-from training.engine.trainer import train
-from training.eval.robustness import (
+from training.engine.run import train
+from training.eval.corruptions import (
     CORRUPTIONS,
     FAMILIES,
     CorruptedDataset,

@@ -11,7 +11,7 @@ from endostream.cli import main
 from tests.training.conftest import TINY_OVERRIDES
 from training.checkpoint import load_checkpoint
 from training.config import load_config
-from training.engine.trainer import Trainer
+from training.engine.supervised import TaskTrainer
 from training.eval.report import delta_m
 from training.jobs.ablation import ABLATION_ROWS, ROW_STATE, run_row
 
@@ -98,17 +98,17 @@ def test_row_resumes_from_its_own_state_and_retrains_when_the_config_changed(
     run_dir = tmp_path / "row"
     small = [*TINY_OVERRIDES, f"data.root={synth_data}", "data.limit=8", "train.threads=1"]
     cfg = load_config("tiny", [*small, "train.epochs=2"])
-    end_of_epoch = Trainer._end_of_epoch
+    end_of_epoch = TaskTrainer._end_of_epoch
 
     def stop_after_first_epoch(self, epoch, *args):
         end_of_epoch(self, epoch, *args)
         raise _Interrupted
 
-    monkeypatch.setattr(Trainer, "_end_of_epoch", stop_after_first_epoch)
+    monkeypatch.setattr(TaskTrainer, "_end_of_epoch", stop_after_first_epoch)
     with pytest.raises(_Interrupted):
         run_row(cfg, run_dir)
     assert (run_dir / "best-merged").is_dir()  # what the old ablation took for a finished row
-    monkeypatch.setattr(Trainer, "_end_of_epoch", end_of_epoch)
+    monkeypatch.setattr(TaskTrainer, "_end_of_epoch", end_of_epoch)
 
     def epochs() -> list[int]:
         return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,7 @@ the same shape, the shipped loss weighting), with adaptation parameters reported
 import pytest
 import torch
 
-from training.builders.shared import build_model
+from training.builders.registry import build_model
 from training.jobs import train_cost
 from training.models.heads import ProjectedHead
 

@@ -13,10 +13,11 @@ import torch
 
 from endostream.cli import main
 from tests.training.conftest import TINY_OVERRIDES
-from training.builders.shared import build_model
+from training.builders.registry import build_model
 from training.checkpoint import load_checkpoint
 from training.config import load_config
-from training.engine.trainer import split_parameters, task_losses, train
+from training.engine.run import train
+from training.engine.supervised import split_parameters, task_losses
 from training.engine.weighting import build_weighting
 from training.eval.evaluate import run_evaluation
 from training.layers.bdta import BDTA

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.builders.shared import build_model
-from training.checkpoint import merged_copy
+from training.adapters.tuner import merged_copy
+from training.builders.registry import build_model
 from training.config import load_config
-from training.engine.trainer import split_parameters, task_losses
+from training.engine.supervised import split_parameters, task_losses
 from training.engine.weighting import build_weighting
 
 TASKS = [

@@ -17,11 +17,12 @@ import transformers  # dev dependency: the reference implementations of the pari
 from tests.training.conftest import TINY_OVERRIDES
 from tests.training.models.test_sam_encoder import IMAGE, VISION, _official, _perturb
 from training.adapters.tuner import adapter_regularization, is_adapter_key
-from training.builders.shared import build_model
+from training.builders.registry import build_model
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
 from training.data.writer import synth_labels
-from training.engine.trainer import task_losses, train
+from training.engine.run import train
+from training.engine.supervised import task_losses
 from training.eval.evaluate import run_evaluation
 from training.models.msam import MSAM
 from training.models.sam_decoder import DensePositionEncoding, SamMaskDecoder

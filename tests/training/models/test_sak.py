@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from endostream.cli import main
-from training.builders.sak import holdout_split
-from training.builders.shared import build_model
+from training.builders.registry import build_model
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
 from training.data.synth import render_image
 from training.data.unlabeled import UnlabeledFrames
 from training.data.writer import write_clip
-from training.distill.teachers import distillation_losses, evenly_spaced_levels, feature_distillation_loss, match_sizes
-from training.engine.trainer import train
+from training.distill.losses import distillation_losses, feature_distillation_loss, match_sizes
+from training.distill.teachers import evenly_spaced_levels
+from training.engine.run import train
+from training.engine.stage1 import holdout_split
 from training.eval.evaluate import run_evaluation
 from training.models.sak import SAK, MoRRouter, TSAPAdapter
 
