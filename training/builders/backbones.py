@@ -25,8 +25,9 @@ from torch import nn
 from training.models.clip import CLIPVisionTransformer
 from training.models.sam_encoder import SamImageEncoder
 from training.models.vit import VisionTransformer
+from training.weights import load_checked
 from training.weights.clip import clip_checkpoint_filter_fn, load_clip_weights
-from training.weights.dinov2 import checkpoint_filter_fn, load_backbone_weights, load_checked
+from training.weights.dinov2 import checkpoint_filter_fn, load_backbone_weights
 from training.weights.sam import load_sam_weights, sam_checkpoint_filter_fn
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from training.config import ModelConfig
 from training.models.msam import MSAM, SINGLE_MASK
 from training.models.sam_decoder import DensePositionEncoding, SamMaskDecoder
 from training.models.sam_encoder import SamImageEncoder
-from training.weights.dinov2 import load_checked
+from training.weights import load_checked
 from training.weights.sam_decoder import DecoderCheckpoint, load_sam_decoder_weights
 
 logger = logging.getLogger(__name__)

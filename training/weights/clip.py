@@ -24,24 +24,22 @@ import math
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from training.layers.patch_embed import resample_patch_embed
 from training.layers.pos_embed import resample_pos_embed
 from training.models.clip import ACTIVATIONS, CLIPVisionTransformer
-from training.weights.dinov2 import (
+from training.weights._io import (
     BackboneCheckpoint,
-    Part,
-    _fill,
-    _load_tensor_file,
-    _template,
-    _unwrap,
-    find_prefixes,
-    read_hf_directory,
+    Sources,
+    load_tensor_file,
+    open_checkpoint,
+    resample_patch_kernel,
+    unwrap,
 )
+from training.weights._keys import Op, Part, block_depth, convert_keys, mirror_keys, square_patch
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +49,12 @@ CLIP_SOURCE_MARKERS = {
     "hf_clip": "embeddings.class_embedding",
     "clip": "norm_pre.weight",
 }
+SOURCES = Sources("CLIP vision tower", CLIP_SOURCE_MARKERS, hf_source="hf_clip")
+detect_clip_source = SOURCES.detect  # (source, key prefix) of the tower: ('openai_clip', 'visual.'), ...
 
-
-class Op(NamedTuple):
-    """A tensor stored in another shape: `token` (D <-> 1 1 D), `table` (N D <-> 1 N D), `transpose` (2-D)."""
-
-    target: str
-    kind: Literal["token", "table", "transpose"]
-
-
-Target = str | Part | Op
 
 # OpenAI / open_clip visual tower -> ours.
-FROM_OPENAI_MAP: dict[str, Target] = {
+FROM_OPENAI_MAP: dict[str, Part | Op | str] = {
     "conv1.weight": "patch_embed.proj.weight",
     "class_embedding": Op("cls_token", "token"),
     "positional_embedding": Op("pos_embed", "table"),
@@ -87,7 +78,7 @@ FROM_OPENAI_MAP: dict[str, Target] = {
 }
 
 # Hugging Face `CLIPVisionTransformer` (under `vision_model.` or unprefixed) -> ours; the projection sits at the root.
-FROM_HF_MAP: dict[str, Target] = {
+FROM_HF_MAP: dict[str, Part | Op | str] = {
     "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
     "embeddings.class_embedding": Op("cls_token", "token"),
     "embeddings.position_embedding.weight": Op("pos_embed", "table"),
@@ -132,86 +123,6 @@ HF_CLIP_VISION_DEFAULTS: dict[str, Any] = {
 HF_CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
 
-def _to_ours(tensor: Tensor, kind: str) -> Tensor:
-    if kind == "token":
-        return tensor.reshape(1, 1, -1)
-    if kind == "table":
-        return tensor.unsqueeze(0)
-    return tensor.T.contiguous()
-
-
-def _from_ours(tensor: Tensor, kind: str) -> Tensor:
-    if kind == "token":
-        return tensor.reshape(-1)
-    if kind == "table":
-        return tensor[0]
-    return tensor.T.contiguous()
-
-
-def _convert(tensors: Mapping[str, Tensor], mapping: Mapping[str, Target], what: str) -> dict[str, Tensor]:
-    """Apply a key map: renames, shape ops and fused parts (concatenated in row order); unknown keys raise."""
-    out: dict[str, Tensor] = {}
-    parts: dict[str, dict[int, Tensor]] = {}
-    counts: dict[str, int] = {}
-    unknown = []
-    for key, tensor in tensors.items():
-        template, number = (key, None) if key in mapping else _template(key)
-        target = mapping.get(template)
-        if target is None:
-            unknown.append(key)
-        elif isinstance(target, Part):
-            name = _fill(target.target, number)
-            parts.setdefault(name, {})[target.index] = tensor
-            counts[name] = target.count
-        elif isinstance(target, Op):
-            out[_fill(target.target, number)] = _to_ours(tensor, target.kind)
-        else:
-            out[_fill(target, number)] = tensor
-    if unknown:
-        raise ValueError(f"unrecognised keys in a {what} vision tower: {sorted(unknown)[:10]}")
-    for name, pieces in parts.items():
-        if sorted(pieces) != list(range(counts[name])):
-            raise ValueError(f"{name} needs {counts[name]} parts (q, k, v); the checkpoint has parts {sorted(pieces)}")
-        out[name] = torch.cat([pieces[i] for i in range(counts[name])], dim=0)
-    return out
-
-
-def _mirror(state_dict: Mapping[str, Tensor], mapping: Mapping[str, Target], what: str) -> dict[str, Tensor]:
-    """Our layout -> a source layout: the inverse of `_convert` for `mapping`."""
-    inverse: dict[str, list[tuple[str, Target]]] = {}
-    for theirs, target in mapping.items():
-        ours = target if isinstance(target, str) else target.target
-        inverse.setdefault(ours, []).append((theirs, target))
-    out: dict[str, Tensor] = {}
-    for key, tensor in state_dict.items():
-        template, number = (key, None) if key in inverse else _template(key)
-        if template not in inverse:
-            raise ValueError(f"{key} has no {what} equivalent")
-        for theirs, target in inverse[template]:
-            if isinstance(target, Part):
-                tensor_out = tensor.chunk(target.count, dim=0)[target.index].clone()
-            elif isinstance(target, Op):
-                tensor_out = _from_ours(tensor, target.kind)
-            else:
-                tensor_out = tensor
-            out[_fill(theirs, number)] = tensor_out
-    return out
-
-
-def detect_clip_source(state_dict: Mapping[str, Any]) -> tuple[str, str]:
-    """Source ('openai_clip', 'hf_clip' or 'clip') and key prefix ('visual.', 'vision_model.', '') of the tower."""
-    found = find_prefixes(state_dict, CLIP_SOURCE_MARKERS)
-    if not found:
-        markers = " or ".join(CLIP_SOURCE_MARKERS.values())
-        raise ValueError(
-            f"no CLIP vision tower found: expected a key ending in {markers}; first keys: {list(state_dict)[:5]}"
-        )
-    if len(found) > 1:
-        raise ValueError(f"several CLIP vision towers in one checkpoint (prefixes {sorted(found)}); save one alone")
-    prefix, source = next(iter(found.items()))
-    return source, prefix
-
-
 def clip_checkpoint_filter_fn(
     checkpoint: Mapping[str, Any], model: CLIPVisionTransformer | None = None
 ) -> dict[str, Tensor]:
@@ -226,18 +137,15 @@ def clip_checkpoint_filter_fn(
         checkpoint: a state dict, possibly a whole CLIP model or wrapped in `state_dict` / `model`.
         model: the tower the result will be loaded into.
     """
-    state_dict = _unwrap(checkpoint)
-    source, prefix = detect_clip_source(state_dict)
-    tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+    source, tensors = SOURCES.extract(checkpoint)
     if source == "hf_clip":
-        root = prefix.removesuffix(HF_VISION_PREFIX)
         tensors = {k: v for k, v in tensors.items() if k not in HF_IGNORED and not k.startswith(HF_PROJECTION)}
-        out = _convert(tensors, FROM_HF_MAP, "Hugging Face CLIP")
-        projection = state_dict.get(root + HF_PROJECTION)
-        if isinstance(projection, Tensor):
+        out = convert_keys(tensors, FROM_HF_MAP, "Hugging Face CLIP vision tower")
+        projection = _hf_projection(checkpoint)
+        if projection is not None:
             out["head.weight"] = projection
     elif source == "openai_clip":
-        out = _convert(tensors, FROM_OPENAI_MAP, "OpenAI / open_clip")
+        out = convert_keys(tensors, FROM_OPENAI_MAP, "OpenAI / open_clip vision tower")
     else:
         out = dict(tensors)
     if model is None:
@@ -249,23 +157,27 @@ def clip_checkpoint_filter_fn(
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
         logger.info("resampling pos_embed %s -> %s", tuple(pos_embed.shape), tuple(model.pos_embed.shape))
         out["pos_embed"] = resample_pos_embed(pos_embed, model.pos_grid, num_prefix_tokens=1)
-    patch = out.get("patch_embed.proj.weight")
-    kernel = (model.patch_size, model.patch_size)
-    if patch is not None and tuple(patch.shape[-2:]) != kernel:
-        logger.info("resampling patch_embed.proj.weight %s -> kernel %s", tuple(patch.shape), kernel)
-        out["patch_embed.proj.weight"] = resample_patch_embed(patch, kernel)
+    resample_patch_kernel(out, model.patch_size)
     return out
+
+
+def _hf_projection(checkpoint: Mapping[str, Any]) -> Tensor | None:
+    """`visual_projection.weight` of a Hugging Face CLIP state dict: at the root, beside `vision_model.`."""
+    state_dict = unwrap(checkpoint)
+    _, prefix = SOURCES.detect(state_dict)
+    projection = state_dict.get(prefix.removesuffix(HF_VISION_PREFIX) + HF_PROJECTION)
+    return projection if isinstance(projection, Tensor) else None
 
 
 def to_openai_clip(state_dict: Mapping[str, Tensor], *, prefix: str = "visual.") -> dict[str, Tensor]:
     """Our layout -> OpenAI / open_clip visual keys under `prefix`; mirror of FROM_OPENAI_MAP."""
-    return {prefix + k: v for k, v in _mirror(state_dict, FROM_OPENAI_MAP, "OpenAI CLIP").items()}
+    return {prefix + k: v for k, v in mirror_keys(state_dict, FROM_OPENAI_MAP, "OpenAI CLIP").items()}
 
 
 def to_hf_clip(state_dict: Mapping[str, Tensor], *, prefix: str = HF_VISION_PREFIX) -> dict[str, Tensor]:
     """Our layout -> Hugging Face keys (`vision_model.*` + root `visual_projection.weight`); mirror of FROM_HF_MAP."""
     tower = {k: v for k, v in state_dict.items() if k != "head.weight"}
-    out = {prefix + k: v for k, v in _mirror(tower, FROM_HF_MAP, "Hugging Face CLIP").items()}
+    out = {prefix + k: v for k, v in mirror_keys(tower, FROM_HF_MAP, "Hugging Face CLIP").items()}
     if "head.weight" in state_dict:
         out[prefix.removesuffix(HF_VISION_PREFIX) + HF_PROJECTION] = state_dict["head.weight"]
     return out
@@ -280,13 +192,8 @@ def infer_clip_arch(state_dict: Mapping[str, Tensor], path: Path | str = "checkp
     for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.mlp.fc1.weight"):
         if key not in state_dict:
             raise ValueError(f"{path}: not a CLIP vision tower state dict: {key!r} is missing")
-    patch = state_dict["patch_embed.proj.weight"]  # D C p p
-    if patch.shape[-1] != patch.shape[-2]:
-        raise ValueError(f"{path}: patch_embed.proj.weight {tuple(patch.shape)} has a non-square kernel")
-    numbers = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
-    depth = max(numbers, default=-1) + 1
-    if numbers != set(range(depth)):
-        raise ValueError(f"{path}: blocks must be numbered 0..N-1; found {sorted(numbers)}")
+    patch = square_patch(state_dict, path)  # D C p p
+    depth = block_depth(state_dict, path)
     num_grid = state_dict["pos_embed"].shape[1] - 1
     side = math.isqrt(num_grid)
     if side * side != num_grid:
@@ -350,7 +257,7 @@ def _read_file(path: Path) -> Mapping[str, Any]:
         if scripted:
             logger.info("%s is a TorchScript archive (OpenAI CLIP release): reading its state dict", path)
             return torch.jit.load(str(path), map_location="cpu").state_dict()
-    return _load_tensor_file(path)
+    return load_tensor_file(path)
 
 
 def load_clip_weights(path: str | Path) -> BackboneCheckpoint:
@@ -363,22 +270,11 @@ def load_clip_weights(path: str | Path) -> BackboneCheckpoint:
     Returns:
         converted state dict, CLIPVisionTransformer kwargs, source name and the weight file read.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a CLIP .pt/.bin file or a Hugging Face folder")
-    if path.is_dir():
-        tensors, config, weights_path = read_hf_directory(path)
-        source, _ = detect_clip_source(tensors)
-        if source != "hf_clip":
-            raise ValueError(f"{weights_path} does not hold Hugging Face CLIP keys (found the {source!r} layout)")
-        state_dict = clip_checkpoint_filter_fn(tensors)
-        arch = arch_from_hf_clip_config(config, state_dict, path / "config.json")
-        return BackboneCheckpoint(state_dict, arch, source, weights_path)  # type: ignore[arg-type]
-    checkpoint = _read_file(path)
-    source, _ = detect_clip_source(_unwrap(checkpoint))
-    if source == "hf_clip":
-        raise ValueError(
-            f"{path} holds Hugging Face CLIP keys: pass its directory (with config.json) instead of the file"
-        )
-    state_dict = clip_checkpoint_filter_fn(checkpoint)
-    return BackboneCheckpoint(state_dict, infer_clip_arch(state_dict, path), source, path)  # type: ignore[arg-type]
+    opened = open_checkpoint(path, "a CLIP .pt/.bin file or a Hugging Face folder", read_file=_read_file)
+    source = SOURCES.check_form(opened, "CLIP")
+    state_dict = clip_checkpoint_filter_fn(opened.state_dict)
+    if opened.config is not None:
+        arch = arch_from_hf_clip_config(opened.config, state_dict, Path(path).expanduser() / "config.json")
+    else:
+        arch = infer_clip_arch(state_dict, opened.weights_path)
+    return BackboneCheckpoint(state_dict, arch, source, opened.weights_path)

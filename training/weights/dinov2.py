@@ -20,48 +20,31 @@ the layer number and mirrored by the to-functions, after torchtitan `state_dict_
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from training.layers.patch_embed import resample_patch_embed
 from training.layers.pos_embed import resample_pos_embed
 from training.models.vit import VisionTransformer, remap_legacy_keys
+from training.weights._io import BackboneCheckpoint, Sources, open_checkpoint, resample_patch_kernel
+from training.weights._keys import Part, block_depth, convert_keys, mirror_keys, square_patch
 
 logger = logging.getLogger(__name__)
 
 Source = Literal["dinov2", "hf_dinov2"]
 
-HF_DIRECTORY_HELP = "a Hugging Face model directory needs config.json and model.safetensors or pytorch_model.bin"
-HF_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-# Keys that wrap a state dict in training checkpoints (dinov2 saves {"model": ...} and {"teacher": ...}).
-WRAPPER_KEYS = ("model", "state_dict", "teacher", "module")
 # Key (without prefix) that identifies each source.
 SOURCE_MARKERS: dict[Source, str] = {
     "hf_dinov2": "embeddings.patch_embeddings.projection.weight",
     "dinov2": "patch_embed.proj.weight",
 }
-
-
-class Part(NamedTuple):
-    """Slice `index` of `count` equal row blocks of a fused tensor (q/k/v of qkv, gate/value of w12)."""
-
-    target: str
-    index: int
-    count: int
+# A DINOv2 training checkpoint holds a student and a teacher: the teacher is the model DINOv2 evaluates and releases.
+SOURCES = Sources("DINOv2 backbone", SOURCE_MARKERS, hf_source="hf_dinov2", prefer="teacher")
 
 
 # Hugging Face hub layout -> ours. `{}` is the layer number; None = dropped (pre-training only).
@@ -136,70 +119,13 @@ HF_COMMON_DEFAULTS: dict[str, Any] = {
     "use_swiglu_ffn": False,
 }
 
-_LAYER_NUMBER = re.compile(r"^(.*?\.)(\d+)(\..*)$")
-
-
-class BackboneCheckpoint(NamedTuple):
-    """A checkpoint converted to our layout, with the architecture it needs and where it came from."""
-
-    state_dict: dict[str, Tensor]
-    arch: dict[str, Any]
-    source: Source
-    path: Path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Key templates
-
-
-def _template(key: str) -> tuple[str, str | None]:
-    """'encoder.layer.3.norm1.weight' -> ('encoder.layer.{}.norm1.weight', '3'); keys without a number unchanged."""
-    match = _LAYER_NUMBER.match(key)
-    if match is None:
-        return key, None
-    return f"{match.group(1)}{{}}{match.group(3)}", match.group(2)
-
-
-def _fill(template: str, number: str | None) -> str:
-    return template.format(number) if number is not None else template
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Source -> ours
 
 
 def _convert_hf_dinov2(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Hugging Face DINOv2 keys (hub or transformers >= 5 names) -> our layout; q/k/v and gate/value are fused."""
-    mapping = {**FROM_HF_MAP, **FROM_HF_V5_ALIASES}
-    out: dict[str, Tensor] = {}
-    parts: dict[str, dict[int, tuple[str, Tensor]]] = {}
-    counts: dict[str, int] = {}
-    unknown = []
-    for key, tensor in state_dict.items():
-        template, number = _template(key)
-        if template not in mapping:
-            unknown.append(key)
-            continue
-        target = mapping[template]
-        if target is None:
-            continue
-        if isinstance(target, Part):
-            name = _fill(target.target, number)
-            parts.setdefault(name, {})[target.index] = (key, tensor)
-            counts[name] = target.count
-        else:
-            out[_fill(target, number)] = tensor
-    if unknown:
-        raise ValueError(f"unrecognised keys in a Hugging Face DINOv2 checkpoint: {sorted(unknown)[:10]}")
-    for name, pieces in parts.items():
-        if sorted(pieces) != list(range(counts[name])):
-            present = [key for key, _ in pieces.values()]
-            raise ValueError(f"{name} needs {counts[name]} parts; the checkpoint has only {present}")
-        shapes = {tuple(t.shape) for _, t in pieces.values()}
-        if len(shapes) != 1:
-            raise ValueError(f"parts of {name} differ in shape: { {k: tuple(t.shape) for k, t in pieces.values()} }")
-        out[name] = torch.cat([pieces[i][1] for i in range(counts[name])], dim=0)
-    return out
+    return convert_keys(state_dict, {**FROM_HF_MAP, **FROM_HF_V5_ALIASES}, "Hugging Face DINOv2 checkpoint")
 
 
 def _convert_dinov2_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -212,51 +138,13 @@ def _convert_dinov2_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
 _CONVERTERS = {"hf_dinov2": _convert_hf_dinov2, "dinov2": _convert_dinov2_original}
 
 
-def _unwrap(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Descend through `model` / `state_dict` / `teacher` / `module` wrappers to the tensors."""
-    while True:
-        for key in WRAPPER_KEYS:
-            if isinstance(checkpoint.get(key), Mapping):
-                checkpoint = checkpoint[key]
-                break
-        else:
-            return checkpoint
-
-
-def find_prefixes(state_dict: Mapping[str, Any], markers: Mapping[str, str]) -> dict[str, Any]:
-    """Key prefix -> source for every key ending in one of `markers` (source -> a key only that source has).
-
-    Longer markers are tried first, so a marker that ends another one ('class_embedding' in
-    'embeddings.class_embedding') does not claim its keys.
-    """
-    ordered = sorted(markers.items(), key=lambda item: -len(item[1]))
-    found: dict[str, Any] = {}
-    for key in state_dict:
-        for source, marker in ordered:
-            if key == marker or key.endswith("." + marker):
-                found.setdefault(key[: len(key) - len(marker)], source)
-                break
-    return found
-
-
 def detect_source(state_dict: Mapping[str, Any]) -> tuple[Source, str]:
     """Source and key prefix (e.g. 'backbone.', 'dinov2.', '') of the backbone tensors in `state_dict`.
 
     When several prefixes hold a backbone (a DINOv2 training checkpoint has a student and a teacher), the teacher is
     taken: it is the model DINOv2 evaluates and releases.
     """
-    found = find_prefixes(state_dict, SOURCE_MARKERS)
-    if not found:
-        markers = " or ".join(SOURCE_MARKERS.values())
-        first = list(state_dict)[:5]
-        raise ValueError(f"no DINOv2 backbone found: expected a key ending in {markers}; first keys: {first}")
-    if len(found) > 1:
-        teacher = [prefix for prefix in found if "teacher" in prefix]
-        if len(teacher) != 1:
-            raise ValueError(f"several backbones in one checkpoint (prefixes {sorted(found)}); save one backbone alone")
-        return found[teacher[0]], teacher[0]
-    prefix, source = next(iter(found.items()))
-    return source, prefix
+    return SOURCES.detect(state_dict)  # type: ignore[return-value]
 
 
 def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer | None = None) -> dict[str, Tensor]:
@@ -270,9 +158,7 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
         checkpoint: a state dict or a training checkpoint that wraps one.
         model: the model the result will be loaded into.
     """
-    state_dict = _unwrap(checkpoint)
-    source, prefix = detect_source(state_dict)
-    tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+    source, tensors = SOURCES.extract(checkpoint)
     out = _CONVERTERS[source](tensors)
     if model is None:
         return out
@@ -286,11 +172,7 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
             interpolate_offset=model.interpolate_offset,
             antialias=model.interpolate_antialias,
         )
-    patch = out.get("patch_embed.proj.weight")
-    kernel = (model.patch_size, model.patch_size)
-    if patch is not None and tuple(patch.shape[-2:]) != kernel:
-        logger.info("resampling patch_embed.proj.weight %s -> kernel %s", tuple(patch.shape), kernel)
-        out["patch_embed.proj.weight"] = resample_patch_embed(patch, kernel)
+    resample_patch_kernel(out, model.patch_size)
     return out
 
 
@@ -306,23 +188,7 @@ def to_hf_dinov2(state_dict: Mapping[str, Tensor], *, mask_token: bool = True) -
         mask_token: add a zero `embeddings.mask_token` (Dinov2Model with `use_mask_token`, and every
             Dinov2WithRegistersModel, expects one).
     """
-    simple: dict[str, str] = {}
-    fused: dict[str, list[tuple[str, Part]]] = {}
-    for hf_key, target in FROM_HF_MAP.items():
-        if isinstance(target, Part):
-            fused.setdefault(target.target, []).append((hf_key, target))
-        elif target is not None:
-            simple[target] = hf_key
-    out: dict[str, Tensor] = {}
-    for key, tensor in state_dict.items():
-        template, number = _template(key)
-        if template in simple:
-            out[_fill(simple[template], number)] = tensor
-        elif template in fused:
-            for hf_key, part in fused[template]:
-                out[_fill(hf_key, number)] = tensor.chunk(part.count, dim=0)[part.index].clone()
-        else:
-            raise ValueError(f"{key} has no Hugging Face DINOv2 equivalent")
+    out = mirror_keys(state_dict, FROM_HF_MAP, "Hugging Face DINOv2")
     if mask_token:
         out["embeddings.mask_token"] = torch.zeros_like(state_dict["cls_token"]).reshape(1, -1)
     return out
@@ -355,7 +221,7 @@ def to_dinov2_original(
 # Architecture
 
 
-def infer_arch(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+def infer_arch(state_dict: Mapping[str, Tensor], path: Path | str = "checkpoint") -> dict[str, Any]:
     """VisionTransformer kwargs from tensor shapes of a state dict in our layout.
 
     The head count is not stored in the weights: it is guessed as embed_dim // 64, the head width of every DINOv2
@@ -367,13 +233,8 @@ def infer_arch(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         if key not in state_dict:
             raise ValueError(f"not a DINOv2 backbone state dict: {key!r} is missing")
     embed_dim = state_dict["cls_token"].shape[-1]
-    numbers = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
-    depth = max(numbers, default=-1) + 1
-    if depth == 0 or numbers != set(range(depth)):
-        raise ValueError(f"blocks must be numbered 0..N-1; found {sorted(numbers)}")
-    patch = state_dict["patch_embed.proj.weight"]  # D C p p
-    if patch.shape[-1] != patch.shape[-2]:
-        raise ValueError(f"patch_embed.proj.weight {tuple(patch.shape)} has a non-square kernel")
+    depth = block_depth(state_dict, path)
+    patch = square_patch(state_dict, path)  # D C p p
     patch_size = patch.shape[-1]
     num_grid = state_dict["pos_embed"].shape[1] - 1
     side = math.isqrt(num_grid)
@@ -447,59 +308,6 @@ def arch_from_hf_config(config: Mapping[str, Any], path: Path | str = "config.js
 # Files
 
 
-def _load_tensor_file(path: Path) -> Mapping[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise RuntimeError(
-            f"{path} holds objects other than tensors and plain containers, so it is not loaded ({err}); "
-            "re-save it as a plain state dict (torch.save(model.state_dict(), ...))"
-        ) from err
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a state dict")
-    return checkpoint
-
-
-def _read_sharded(index_path: Path) -> dict[str, Tensor]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{index_path} is not a valid shard index (needs a 'weight_map'): {err}") from err
-    tensors: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
-        if not shard_path.is_file():
-            raise FileNotFoundError(f"{shard_path} not found: listed in {index_path}")
-        tensors.update(_load_tensor_file(shard_path))
-    return tensors
-
-
-def read_hf_directory(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
-    """Tensors, config dict and weight-file path of a Hugging Face model directory."""
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: {HF_DIRECTORY_HELP}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-    for name in HF_WEIGHT_FILES:
-        weights_path = directory / name
-        if weights_path.is_file():
-            break
-    else:
-        raise FileNotFoundError(f"{directory / 'model.safetensors'} not found: {HF_DIRECTORY_HELP}")
-    if name.endswith(".index.json"):
-        return _read_sharded(weights_path), config, weights_path
-    return dict(_load_tensor_file(weights_path)), config, weights_path
-
-
 def load_backbone_weights(path: str | Path) -> BackboneCheckpoint:
     """Read a DINOv2 checkpoint file or Hugging Face directory and convert it to our layout.
 
@@ -510,42 +318,11 @@ def load_backbone_weights(path: str | Path) -> BackboneCheckpoint:
     Returns:
         converted state dict, VisionTransformer kwargs of its architecture, source name and the weight file read.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a DINOv2 .pth file or a Hugging Face folder")
-    if path.is_dir():
-        tensors, config, weights_path = read_hf_directory(path)
-        source, _ = detect_source(tensors)
-        if source != "hf_dinov2":
-            raise ValueError(f"{weights_path} does not hold Hugging Face DINOv2 keys (found the {source!r} layout)")
-        return BackboneCheckpoint(
-            checkpoint_filter_fn(tensors), arch_from_hf_config(config, path / "config.json"), source, weights_path
-        )
-    checkpoint = _load_tensor_file(path)
-    source, _ = detect_source(_unwrap(checkpoint))
-    if source != "dinov2":
-        raise ValueError(
-            f"{path} holds Hugging Face DINOv2 keys: pass its directory (with config.json) instead of the file"
-        )
-    state_dict = checkpoint_filter_fn(checkpoint)
-    return BackboneCheckpoint(state_dict, infer_arch(state_dict), source, path)
-
-
-def load_checked(model: nn.Module, state_dict: Mapping[str, Tensor], path: Path | str) -> None:
-    """`model.load_state_dict(state_dict, strict=True)` with errors that name the file, keys and shapes."""
-    expected = model.state_dict()
-    mismatched = [
-        f"{key}: checkpoint {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}"
-        for key, tensor in state_dict.items()
-        if key in expected and tensor.shape != expected[key].shape
-    ]
-    if mismatched:
-        raise ValueError(f"{path}: shape mismatch for {len(mismatched)} tensor(s): " + "; ".join(mismatched[:10]))
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{path}: keys do not match the model after conversion: "
-            f"missing {missing[:10]}, unexpected {unexpected[:10]}"
-        )
-    model.load_state_dict(state_dict, strict=True)
+    opened = open_checkpoint(path, "a DINOv2 .pth file or a Hugging Face folder")
+    source = SOURCES.check_form(opened, "DINOv2")
+    state_dict = checkpoint_filter_fn(opened.state_dict)
+    if opened.config is not None:
+        arch = arch_from_hf_config(opened.config, Path(path).expanduser() / "config.json")
+    else:
+        arch = infer_arch(state_dict, opened.weights_path)
+    return BackboneCheckpoint(state_dict, arch, source, opened.weights_path)

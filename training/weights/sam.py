@@ -17,25 +17,24 @@ then resample position tables, relative tables and the patch kernel to the targe
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from training.layers.patch_embed import resample_patch_embed
 from training.layers.pos_embed import resample_pos_embed
 from training.layers.windowed_attention import resample_rel_pos
 from training.models.sam_encoder import SamImageEncoder
-from training.weights.dinov2 import BackboneCheckpoint, _load_tensor_file, _unwrap, find_prefixes, read_hf_directory
+from training.weights._io import BackboneCheckpoint, Sources, open_checkpoint, resample_patch_kernel
+from training.weights._keys import block_depth, convert_keys, mirror_keys, square_patch
 
 logger = logging.getLogger(__name__)
 
-_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")  # a number between dots: a block or layer index
-
 # Key (without prefix) that only each source's image encoder has.
 SAM_SOURCE_MARKERS = {"sam": "neck.0.weight", "hf_sam": "neck.conv1.weight"}
+SOURCES = Sources("SAM image encoder", SAM_SOURCE_MARKERS, hf_source="hf_sam")
+detect_sam_source = SOURCES.detect  # (source, key prefix) of the encoder: ('sam', 'image_encoder.'), ...
 
 # Official segment_anything layout -> ours. Only the MLP is renamed (our `Mlp` calls its layers fc1/fc2, which the
 # adapters target); our own state dicts pass through the identity entries of FROM_OURS_ALIASES.
@@ -120,48 +119,6 @@ HF_SAM_VISION_DEFAULTS: dict[str, Any] = {
 HF_SAM_MODEL_TYPES = ("sam", "sam_vision_model")
 
 
-def key_template(key: str) -> tuple[str, list[str]]:
-    """'a.3.b.1.weight' -> ('a.{}.b.{}.weight', ['3', '1'])."""
-    return _NUMBER.sub("{}", key), _NUMBER.findall(key)
-
-
-def rename_keys(tensors: Mapping[str, Tensor], mapping: Mapping[str, str], what: str) -> dict[str, Tensor]:
-    """Apply a key map: exact keys (`neck.0.weight`) first, then `{}` templates; unknown keys raise, naming `what`."""
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, tensor in tensors.items():
-        if key in mapping:
-            out[mapping[key]] = tensor
-            continue
-        template, numbers = key_template(key)
-        if template not in mapping:
-            unknown.append(key)
-            continue
-        out[mapping[template].format(*numbers)] = tensor
-    if unknown:
-        raise ValueError(f"unrecognised keys in a {what}: {sorted(unknown)[:10]}")
-    return out
-
-
-def invert_mapping(mapping: Mapping[str, str]) -> dict[str, str]:
-    """The key map back (ours -> theirs) of a one-to-one `mapping`."""
-    return {ours: theirs for theirs, ours in mapping.items()}
-
-
-def detect_sam_source(state_dict: Mapping[str, Any]) -> tuple[str, str]:
-    """Source ('sam' or 'hf_sam') and key prefix ('image_encoder.', 'vision_encoder.', '') of the image encoder."""
-    found = find_prefixes(state_dict, SAM_SOURCE_MARKERS)
-    if not found:
-        markers = " or ".join(SAM_SOURCE_MARKERS.values())
-        raise ValueError(
-            f"no SAM image encoder found: expected a key ending in {markers}; first keys: {list(state_dict)[:5]}"
-        )
-    if len(found) > 1:
-        raise ValueError(f"several SAM image encoders in one checkpoint (prefixes {sorted(found)}); save one alone")
-    prefix, source = next(iter(found.items()))
-    return source, prefix
-
-
 def sam_checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: SamImageEncoder | None = None) -> dict[str, Tensor]:
     """Convert a SAM checkpoint (any supported source) to our layout, optionally resampled to `model`.
 
@@ -173,13 +130,11 @@ def sam_checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: SamImageEncod
         checkpoint: a state dict, possibly a whole SAM model or wrapped in `model` / `state_dict`.
         model: the encoder the result will be loaded into.
     """
-    state_dict = _unwrap(checkpoint)
-    source, prefix = detect_sam_source(state_dict)
-    tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+    source, tensors = SOURCES.extract(checkpoint)
     if source == "hf_sam":
-        out = rename_keys(tensors, FROM_HF_SAM_MAP, "Hugging Face SAM image encoder")
+        out = convert_keys(tensors, FROM_HF_SAM_MAP, "Hugging Face SAM image encoder")
     else:
-        out = rename_keys(tensors, {**FROM_SAM_MAP, **FROM_OURS_ALIASES}, "SAM image encoder")
+        out = convert_keys(tensors, {**FROM_SAM_MAP, **FROM_OURS_ALIASES}, "SAM image encoder")
     if model is None:
         return out
     expected = model.state_dict()
@@ -194,24 +149,19 @@ def sam_checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: SamImageEncod
         if key.endswith((".rel_pos_h", ".rel_pos_w")) and key in expected and tensor.shape != expected[key].shape:
             logger.info("resampling %s %s -> %s", key, tuple(tensor.shape), tuple(expected[key].shape))
             out[key] = resample_rel_pos(tensor, expected[key].shape[0])
-    patch = out.get("patch_embed.proj.weight")
-    kernel = (model.patch_size, model.patch_size)
-    if patch is not None and tuple(patch.shape[-2:]) != kernel:
-        logger.info("resampling patch_embed.proj.weight %s -> kernel %s", tuple(patch.shape), kernel)
-        out["patch_embed.proj.weight"] = resample_patch_embed(patch, kernel)
+    resample_patch_kernel(out, model.patch_size)
     return out
 
 
 def to_sam_original(state_dict: Mapping[str, Tensor], *, prefix: str = "image_encoder.") -> dict[str, Tensor]:
     """Our layout -> segment_anything layout (`sam_vit_*.pth` keys under `prefix`); mirror of FROM_SAM_MAP."""
-    inverse = invert_mapping(FROM_SAM_MAP)
-    return {prefix + key: tensor for key, tensor in rename_keys(state_dict, inverse, "our image encoder").items()}
+    return {prefix + key: tensor for key, tensor in mirror_keys(state_dict, FROM_SAM_MAP, "SAM image encoder").items()}
 
 
 def to_hf_sam(state_dict: Mapping[str, Tensor], *, prefix: str = "vision_encoder.") -> dict[str, Tensor]:
     """Our layout -> Hugging Face `SamVisionEncoder` keys under `prefix`; mirror of FROM_HF_SAM_MAP."""
-    inverse = invert_mapping(FROM_HF_SAM_MAP)
-    return {prefix + key: tensor for key, tensor in rename_keys(state_dict, inverse, "our image encoder").items()}
+    renamed = mirror_keys(state_dict, FROM_HF_SAM_MAP, "Hugging Face SAM image encoder")
+    return {prefix + key: tensor for key, tensor in renamed.items()}
 
 
 def infer_sam_arch(state_dict: Mapping[str, Tensor], path: Path | str = "checkpoint") -> dict[str, Any]:
@@ -223,14 +173,9 @@ def infer_sam_arch(state_dict: Mapping[str, Tensor], path: Path | str = "checkpo
     for key in ("patch_embed.proj.weight", "neck.0.weight", "blocks.0.mlp.fc1.weight"):
         if key not in state_dict:
             raise ValueError(f"{path}: not a SAM image encoder state dict: {key!r} is missing")
-    patch = state_dict["patch_embed.proj.weight"]  # D C p p
+    patch = square_patch(state_dict, path)  # D C p p
     embed_dim, in_chans, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
-    if patch.shape[-1] != patch.shape[-2]:
-        raise ValueError(f"{path}: patch_embed.proj.weight {tuple(patch.shape)} has a non-square kernel")
-    numbers = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
-    depth = max(numbers, default=-1) + 1
-    if numbers != set(range(depth)):
-        raise ValueError(f"{path}: blocks must be numbered 0..N-1; found {sorted(numbers)}")
+    depth = block_depth(state_dict, path)
     arch: dict[str, Any] = {
         "embed_dim": embed_dim,
         "in_chans": in_chans,
@@ -309,21 +254,11 @@ def load_sam_weights(path: str | Path) -> BackboneCheckpoint:
     Returns:
         converted state dict, SamImageEncoder kwargs, source name ('sam' or 'hf_sam') and the weight file read.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a sam_vit_*.pth file or a Hugging Face folder")
-    if path.is_dir():
-        tensors, config, weights_path = read_hf_directory(path)
-        source, _ = detect_sam_source(tensors)
-        if source != "hf_sam":
-            raise ValueError(f"{weights_path} does not hold Hugging Face SAM keys (found the {source!r} layout)")
-        arch = arch_from_hf_sam_config(config, path / "config.json")
-        return BackboneCheckpoint(sam_checkpoint_filter_fn(tensors), arch, source, weights_path)  # type: ignore[arg-type]
-    checkpoint = _load_tensor_file(path)
-    source, _ = detect_sam_source(_unwrap(checkpoint))
-    if source != "sam":
-        raise ValueError(
-            f"{path} holds Hugging Face SAM keys: pass its directory (with config.json) instead of the file"
-        )
-    state_dict = sam_checkpoint_filter_fn(checkpoint)
-    return BackboneCheckpoint(state_dict, infer_sam_arch(state_dict, path), source, path)  # type: ignore[arg-type]
+    opened = open_checkpoint(path, "a sam_vit_*.pth file or a Hugging Face folder")
+    source = SOURCES.check_form(opened, "SAM")
+    state_dict = sam_checkpoint_filter_fn(opened.state_dict)
+    if opened.config is not None:
+        arch = arch_from_hf_sam_config(opened.config, Path(path).expanduser() / "config.json")
+    else:
+        arch = infer_sam_arch(state_dict, opened.weights_path)
+    return BackboneCheckpoint(state_dict, arch, source, opened.weights_path)

@@ -28,14 +28,15 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from training.weights.dinov2 import _load_tensor_file, _unwrap, find_prefixes, read_hf_directory
-from training.weights.sam import invert_mapping, rename_keys
+from training.weights._io import Sources, open_checkpoint
+from training.weights._keys import convert_keys, mirror_keys
 
 logger = logging.getLogger(__name__)
 
 DECODER_PREFIX = "mask_decoder."
 # Key (without prefix) that only each source's mask decoder has.
 DECODER_SOURCE_MARKERS = {"sam": "output_upscaling.0.weight", "hf_sam": "upscale_conv1.weight"}
+SOURCES = Sources("SAM mask decoder", DECODER_SOURCE_MARKERS, hf_source="hf_sam")
 SAM_PE_KEY = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
 HF_PE_KEYS = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
 NO_MASK_KEY = "prompt_encoder.no_mask_embed.weight"
@@ -168,21 +169,6 @@ def _sam_feedforward_to_hf(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def detect_decoder_source(state_dict: Mapping[str, Any]) -> tuple[str, str] | None:
-    """Source ('sam' or 'hf_sam') and key prefix ('mask_decoder.' or '') of the mask decoder; None when there is none.
-
-    Raises:
-        ValueError: several mask decoders in one checkpoint.
-    """
-    found = find_prefixes(state_dict, DECODER_SOURCE_MARKERS)
-    if not found:
-        return None
-    if len(found) > 1:
-        raise ValueError(f"several SAM mask decoders in one checkpoint (prefixes {sorted(found)}); save one alone")
-    prefix, source = next(iter(found.items()))
-    return source, prefix
-
-
 def sam_decoder_filter_fn(checkpoint: Mapping[str, Any]) -> tuple[str, dict[str, Tensor]]:
     """Convert the mask decoder of a SAM checkpoint (any supported source) to our layout.
 
@@ -195,33 +181,23 @@ def sam_decoder_filter_fn(checkpoint: Mapping[str, Any]) -> tuple[str, dict[str,
     Raises:
         ValueError: no (or several) mask decoders, or keys the map does not know.
     """
-    state_dict = _unwrap(checkpoint)
-    detected = detect_decoder_source(state_dict)
-    if detected is None:
-        markers = " or ".join(DECODER_SOURCE_MARKERS.values())
-        raise ValueError(
-            f"no SAM mask decoder found: expected a key ending in {markers}; first keys: {list(state_dict)[:5]}"
-        )
-    source, prefix = detected
-    tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+    source, tensors = SOURCES.extract(checkpoint)
     if source == "hf_sam":
-        return source, rename_keys(
+        return source, convert_keys(
             _hf_feedforward_to_sam(tensors), FROM_HF_SAM_DECODER_MAP, "Hugging Face SAM mask decoder"
         )
-    return source, rename_keys(tensors, {**FROM_SAM_DECODER_MAP, **FROM_OURS_ALIASES}, "SAM mask decoder")
+    return source, convert_keys(tensors, {**FROM_SAM_DECODER_MAP, **FROM_OURS_ALIASES}, "SAM mask decoder")
 
 
 def to_sam_decoder_original(state_dict: Mapping[str, Tensor], *, prefix: str = DECODER_PREFIX) -> dict[str, Tensor]:
     """Our layout -> segment_anything `MaskDecoder` keys under `prefix`; mirror of FROM_SAM_DECODER_MAP."""
-    renamed = rename_keys(state_dict, invert_mapping(FROM_SAM_DECODER_MAP), "our mask decoder")
+    renamed = mirror_keys(state_dict, FROM_SAM_DECODER_MAP, "SAM mask decoder")
     return {prefix + key: tensor for key, tensor in renamed.items()}
 
 
 def to_hf_sam_decoder(state_dict: Mapping[str, Tensor], *, prefix: str = DECODER_PREFIX) -> dict[str, Tensor]:
     """Our layout -> Hugging Face `SamMaskDecoder` keys under `prefix`; mirror of FROM_HF_SAM_DECODER_MAP."""
-    renamed = _sam_feedforward_to_hf(
-        rename_keys(state_dict, invert_mapping(FROM_HF_SAM_DECODER_MAP), "our mask decoder")
-    )
+    renamed = _sam_feedforward_to_hf(mirror_keys(state_dict, FROM_HF_SAM_DECODER_MAP, "Hugging Face SAM mask decoder"))
     return {prefix + key: tensor for key, tensor in renamed.items()}
 
 
@@ -296,16 +272,8 @@ def load_sam_decoder_weights(path: str | Path, *, required: bool = True) -> Deco
         FileNotFoundError: `path` does not exist.
         ValueError: no mask decoder (with `required`), or unknown keys.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a sam_vit_*.pth file or a Hugging Face folder")
-    if path.is_dir():
-        tensors, config, weights_path = read_hf_directory(path)
-        state_dict: Mapping[str, Any] = tensors
-    else:
-        state_dict, config, weights_path = _unwrap(_load_tensor_file(path)), None, path
-    detected = detect_decoder_source(state_dict)
-    if detected is None:
+    state_dict, config, weights_path = open_checkpoint(path, "a sam_vit_*.pth file or a Hugging Face folder")
+    if SOURCES.find(state_dict) is None:
         if required:
             raise ValueError(
                 f"{weights_path} holds no SAM mask decoder (`mask_decoder.*`); pass a whole-SAM checkpoint "
@@ -316,7 +284,7 @@ def load_sam_decoder_weights(path: str | Path, *, required: bool = True) -> Deco
     if source == "hf_sam":
         if config is None:
             raise ValueError(f"{path} holds Hugging Face SAM keys: pass its directory (with config.json) instead")
-        arch = arch_from_hf_sam_decoder_config(config, path / "config.json")
+        arch = arch_from_hf_sam_decoder_config(config, Path(path).expanduser() / "config.json")
         pe = _first(state_dict, HF_PE_KEYS)
     else:
         arch = infer_sam_decoder_arch(decoder, weights_path)
