@@ -91,7 +91,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def long_functions(root: Path, limit: int) -> list[tuple[str, int]]:
+def long_functions(root: Path, limit: int, *, relative_to: Path = REPO) -> list[tuple[str, int]]:
     """(path:function, lines) of every function or method under `root` longer than `limit` lines.
 
     A function whose body is one `return` of a literal (a data table) is exempt.
@@ -106,5 +106,5 @@ def long_functions(root: Path, limit: int) -> list[tuple[str, int]]:
                 continue
             lines = (node.end_lineno or node.lineno) - node.lineno + 1
             if lines > limit:
-                out.append((f"{path.relative_to(REPO)}:{node.name}", lines))
+                out.append((f"{path.relative_to(relative_to)}:{node.name}", lines))
     return out

@@ -226,28 +226,13 @@ def bench_train_cost(
     """
 
     bdta_full = load_config(bdta_config, list(overrides))
-    bdta_cfg, train_cfg = bdta_full.model, bdta_full.train
-    lora_cfg = load_config(lora_config, list(overrides)).model
-    if bdta_cfg.family != "bdta" or lora_cfg.family != "endoarss":
-        raise ValueError(f"compare a bdta config with an endoarss one, got {bdta_cfg.family} and {lora_cfg.family}")
-    if lora_cfg.adapters.kind != "lora_tesla" or lora_cfg.adapters.shared_rank < 1:
-        raise ValueError(f"{lora_config}: the baseline needs shared LoRA (adapters.shared_rank >= 1, kind lora_tesla)")
-    embed_dim = build_backbone(bdta_cfg.backbone.name, None, **dict(bdta_cfg.backbone.overrides)).embed_dim
-    head_width = bdta_cfg.bdta.mote_dim or embed_dim // bdta_cfg.bdta.reduction
-    lora_cfg.backbone = copy.deepcopy(bdta_cfg.backbone)  # frozen, as the bdta builder requires
-    lora_cfg.image_size, lora_cfg.heads = bdta_cfg.image_size, copy.deepcopy(bdta_cfg.heads)
-    lora_cfg.heads.input_dim = head_width  # BDTA's heads read MoTE's head_width channels
-    lora_cfg.adapters.task_rank = 0  # one stream: no TESLA second pass
+    train_cfg = bdta_full.train
+    lora_model = load_config(lora_config, list(overrides)).model
+    bdta_cfg, lora_cfg, head_width = _paired_configs(bdta_full.model, lora_model, lora_config)
     lora_cfg.sma.enabled = lora_sma
     tasks = synth_labels({}).to_dict()["tasks"]
     target = torch.device(device)
-    height, width = bdta_cfg.image_size
-    generator = torch.Generator().manual_seed(seed)
-    batch = {
-        "image": torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator),
-        "activity": torch.randint(0, 2, (batch_size,), generator=generator),
-        "mask": torch.randint(0, 2, (batch_size, height, width), generator=generator),
-    }
+    batch = _random_batch(batch_size, tuple(bdta_cfg.image_size), seed)
     configs = {"bdta": bdta_cfg, "lora": lora_cfg}
     figures: dict[str, dict[str, Any]] = {}
     if target.type == "cpu":  # before this process builds anything: the children start from the same clean state
@@ -264,33 +249,9 @@ def bench_train_cost(
         torch.manual_seed(seed)
         model = build_model(cfg, tasks, load_backbone_weights=False).to(target).train()
         steps_of[name] = training_step(model, batch, train_cfg)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        heads = head_parameter_count(model)
-        saved = saved_activation_bytes(model, lambda m=model: task_losses(m, m(batch["image"]), batch))
         weight_mib[name] = sum(t.nbytes for t in (*model.parameters(), *model.buffers())) / 2**20
-        figures.setdefault(name, {}).update(
-            trainable_params=trainable,
-            adaptation_params=trainable - heads,  # BDTA + MoTE, or LoRA + the projection to the head width
-            head_params=heads,
-            total_params=sum(p.numel() for p in model.parameters()),
-            saved_activation_mib=saved / 2**20,
-        )
-    for _ in range(warmup):
-        for step in steps_of.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps_of}
-    for _ in range(steps):
-        for name, step in steps_of.items():
-            times[name].append(_timed(step, target))
-    for name, step in steps_of.items():
-        figures[name]["step_seconds"] = statistics.median(times[name])
-        figures[name]["step_seconds_min"] = min(times[name])
-        figures[name]["step_seconds_all"] = [round(t, 4) for t in times[name]]
-        if target.type == "cuda":
-            figures[name]["peak_memory_mib"], figures[name]["peak_step_memory_mib"] = _peak_cuda_mib(step, target)
-        elif "peak_step_memory_mib" in figures[name]:
-            figures[name]["peak_memory_mib"] = figures[name]["peak_step_memory_mib"] + weight_mib[name]
-        logger.info("bench %s: %s", name, {k: v for k, v in figures[name].items() if k != "step_seconds_all"})
+        figures.setdefault(name, {}).update(_model_figures(model, batch))
+    _time_steps(steps_of, figures, weight_mib, target, warmup=warmup, steps=steps)
     numeric = [k for k, v in figures["bdta"].items() if isinstance(v, int | float) and k in figures["lora"]]
     return {
         "setup": {
@@ -308,9 +269,79 @@ def bench_train_cost(
             },
             "head_input_width": head_width,
             "weighting": train_cfg.weighting,
-            "lora_sma": lora_sma,
+            "lora_sma": lora_cfg.sma.enabled,
             "peak_memory": "torch.cuda.max_memory_allocated" if target.type == "cuda" else "child-process VmHWM",
         },
         **figures,
         "ratio": {k: figures["bdta"][k] / figures["lora"][k] for k in numeric if figures["lora"][k]},
     }
+
+
+def _paired_configs(
+    bdta_cfg: ModelConfig, lora_cfg: ModelConfig, lora_name: str
+) -> tuple[ModelConfig, ModelConfig, int]:
+    """(BDTA config, the LoRA baseline on BDTA's backbone, image size and heads, the heads' input width)."""
+    if bdta_cfg.family != "bdta" or lora_cfg.family != "endoarss":
+        raise ValueError(f"compare a bdta config with an endoarss one, got {bdta_cfg.family} and {lora_cfg.family}")
+    if lora_cfg.adapters.kind != "lora_tesla" or lora_cfg.adapters.shared_rank < 1:
+        raise ValueError(f"{lora_name}: the baseline needs shared LoRA (adapters.shared_rank >= 1, kind lora_tesla)")
+    embed_dim = build_backbone(bdta_cfg.backbone.name, None, **dict(bdta_cfg.backbone.overrides)).embed_dim
+    head_width = bdta_cfg.bdta.mote_dim or embed_dim // bdta_cfg.bdta.reduction
+    lora_cfg.backbone = copy.deepcopy(bdta_cfg.backbone)  # frozen, as the bdta builder requires
+    lora_cfg.image_size, lora_cfg.heads = bdta_cfg.image_size, copy.deepcopy(bdta_cfg.heads)
+    lora_cfg.heads.input_dim = head_width  # BDTA's heads read MoTE's head_width channels
+    lora_cfg.adapters.task_rank = 0  # one stream: no TESLA second pass
+    return bdta_cfg, lora_cfg, head_width
+
+
+def _random_batch(batch_size: int, size: tuple[int, int], seed: int) -> dict[str, Tensor]:
+    """One random uint8 batch with activity labels and masks of two classes."""
+    height, width = size
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator),
+        "activity": torch.randint(0, 2, (batch_size,), generator=generator),
+        "mask": torch.randint(0, 2, (batch_size, height, width), generator=generator),
+    }
+
+
+def _model_figures(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Any]:
+    """Parameter counts and the activations one forward saves for backward."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    heads = head_parameter_count(model)
+    saved = saved_activation_bytes(model, lambda m=model: task_losses(m, m(batch["image"]), batch))
+    return {
+        "trainable_params": trainable,
+        "adaptation_params": trainable - heads,  # BDTA + MoTE, or LoRA + the projection to the head width
+        "head_params": heads,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "saved_activation_mib": saved / 2**20,
+    }
+
+
+def _time_steps(
+    steps_of: dict[str, Callable[[], None]],
+    figures: dict[str, dict[str, Any]],
+    weight_mib: dict[str, float],
+    target: torch.device,
+    *,
+    warmup: int,
+    steps: int,
+) -> None:
+    """Run `warmup` untimed then `steps` timed steps of each model, interleaved; add times and peaks to `figures`."""
+    for _ in range(warmup):
+        for step in steps_of.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
+    for _ in range(steps):
+        for name, step in steps_of.items():
+            times[name].append(_timed(step, target))
+    for name, step in steps_of.items():
+        figures[name]["step_seconds"] = statistics.median(times[name])
+        figures[name]["step_seconds_min"] = min(times[name])
+        figures[name]["step_seconds_all"] = [round(t, 4) for t in times[name]]
+        if target.type == "cuda":
+            figures[name]["peak_memory_mib"], figures[name]["peak_step_memory_mib"] = _peak_cuda_mib(step, target)
+        elif "peak_step_memory_mib" in figures[name]:
+            figures[name]["peak_memory_mib"] = figures[name]["peak_step_memory_mib"] + weight_mib[name]
+        logger.info("bench %s: %s", name, {k: v for k, v in figures[name].items() if k != "step_seconds_all"})
