@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.builders.registry import build_model
 from training.builders.shared import resolved_backbone_overrides
@@ -92,18 +92,7 @@ class Stage1Trainer(Trainer):
         if cfg.model.backbone.checkpoint is not None:
             cfg.model.backbone.overrides = resolved_backbone_overrides(self.model.backbone)
         broadcast_module(self.model, ctx)
-        seed = cfg.train.seed
-        self.sampler = DistributedSampler(self.train_set, ctx.world_size, ctx.rank, seed=seed) if ctx.enabled else None
-        self.loader = DataLoader(
-            self.train_set,
-            batch_size=cfg.train.batch_size,
-            shuffle=self.sampler is None,
-            sampler=self.sampler,
-            num_workers=cfg.data.num_workers,
-            collate_fn=collate_images,
-            drop_last=len(self.train_set) >= cfg.train.batch_size * ctx.world_size,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        self.make_loader(self.train_set, collate_images)
         self.setup_optimization([p for p in self.model.parameters() if p.requires_grad])
         if isinstance(self.model.feature_source, TeacherFeatureCache):
             self.model.feature_source.fill(frames, batch_size=cfg.train.batch_size, progress=self.progress)

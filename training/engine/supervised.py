@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from training.adapters.tuner import adapter_regularization
 from training.builders.registry import build_model
@@ -105,7 +104,7 @@ class TaskTrainer(Trainer):
         )
 
     def _build_data(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
+        cfg = self.cfg
         size = tuple(cfg.model.image_size)
         train_transform = build_train_transform(
             size,
@@ -116,21 +115,7 @@ class TaskTrainer(Trainer):
         )
         self.train_set = TaskDataset(open_dataset(cfg.data, cfg.data.train_split), train_transform, seed=cfg.train.seed)
         self.val_set = TaskDataset(open_dataset(cfg.data, cfg.data.val_split), build_eval_transform(size), seed=0)
-        self.sampler = (
-            DistributedSampler(self.train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.train.seed)
-            if ctx.enabled
-            else None
-        )
-        self.loader = DataLoader(
-            self.train_set,
-            batch_size=cfg.train.batch_size,
-            shuffle=self.sampler is None,
-            sampler=self.sampler,
-            num_workers=cfg.data.num_workers,
-            collate_fn=collate,
-            drop_last=len(self.train_set) >= cfg.train.batch_size * ctx.world_size,
-            generator=torch.Generator().manual_seed(cfg.train.seed),
-        )
+        self.make_loader(self.train_set, collate)
 
     def describe(self) -> str:
         params = count_parameters(self.model)

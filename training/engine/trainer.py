@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from training.checkpoint import WEIGHTS_FILE, save_checkpoint
@@ -102,8 +103,7 @@ def build_scheduler(
 class Trainer:
     """Epoch loop, time limit, metrics.jsonl, last/best(-merged) checkpoints and the resume state of one run.
 
-    Subclasses set `model`, `labels`, `params`, `loader` (and `sampler` when distributed) and call
-    `setup_optimization` in their `__init__`.
+    Subclasses set `model` and `labels`, call `make_loader` and then `setup_optimization` in their `__init__`.
     """
 
     merged_best: bool = True  # also write RUN/best-merged (what eval and export read)
@@ -123,6 +123,25 @@ class Trainer:
         self.best_score = -math.inf
         self.best_epoch = -1
         self.best_metrics: dict[str, Any] = {}
+
+    def make_loader(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any]) -> None:
+        """The training loader over `dataset` (seeded shuffle; a distributed sampler under torchrun)."""
+        cfg, ctx = self.cfg, self.ctx
+        self.sampler = (
+            DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.train.seed)
+            if ctx.enabled
+            else None
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=cfg.train.batch_size,
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_fn,
+            drop_last=len(dataset) >= cfg.train.batch_size * ctx.world_size,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )
 
     def setup_optimization(self, params: list[nn.Parameter]) -> None:
         """Optimiser and per-step scheduler over `params`, sized by `self.loader`."""

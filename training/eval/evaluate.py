@@ -21,7 +21,7 @@ from training.data.datasets import open_dataset_at
 from training.data.transforms import TaskDataset, build_eval_transform, collate
 from training.eval.metrics import ClassificationMeter, SegmentationMeter
 from training.eval.report import METRIC_LEGEND, delta_m, evaluation_result, load_result, markdown_table, same_baseline
-from training.models.endoarss import EndoARSS
+from training.models.protocol import MultiTaskModel
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +42,13 @@ def selection_score(metrics: dict[str, Any]) -> float:
     return sum(scores) / len(scores)
 
 
-def _task_of_kind(model: EndoARSS, kind: str) -> str | None:
+def _task_of_kind(model: MultiTaskModel, kind: str) -> str | None:
     return next((task for task, k in model.task_kinds.items() if k == kind), None)
 
 
 @torch.inference_mode()
 def evaluate_model(
-    model: EndoARSS,
+    model: MultiTaskModel,
     dataset: TaskDataset,
     labels: dict[str, Any],
     *,

@@ -224,6 +224,39 @@ def resample_patch_kernel(out: dict[str, Tensor], patch_size: int) -> None:
         out["patch_embed.proj.weight"] = resample_patch_embed(patch, kernel)
 
 
+def load_backbone(
+    path: str | Path,
+    sources: Sources,
+    *,
+    label: str,
+    help: str,
+    filter_fn: Callable[[Mapping[str, Any]], dict[str, Tensor]],
+    arch_from_config: Callable[[Mapping[str, Any], dict[str, Tensor], Path], dict[str, Any]],
+    arch_from_tensors: Callable[[dict[str, Tensor], Path], dict[str, Any]],
+    read_file: Callable[[Path], Mapping[str, Any]] = load_tensor_file,
+) -> BackboneCheckpoint:
+    """The whole read of a backbone checkpoint: open the file or folder, check its form, convert, read the arch.
+
+    Args:
+        path: a checkpoint file or a Hugging Face model folder.
+        sources: the layouts the source module knows.
+        label: the model family in errors ("CLIP").
+        help: what to pass instead when `path` does not exist.
+        filter_fn: the source module's conversion to our layout.
+        arch_from_config: constructor kwargs from a folder's config.json (config, converted tensors, its path).
+        arch_from_tensors: constructor kwargs from the converted tensors of a lone file (tensors, file path).
+        read_file: how a lone file is read.
+    """
+    opened = open_checkpoint(path, help, read_file)
+    source = sources.check_form(opened, label)
+    state_dict = filter_fn(opened.state_dict)
+    if opened.config is not None:
+        arch = arch_from_config(opened.config, state_dict, Path(path).expanduser() / "config.json")
+    else:
+        arch = arch_from_tensors(state_dict, opened.weights_path)
+    return BackboneCheckpoint(state_dict, arch, source, opened.weights_path)
+
+
 def load_checked(model: nn.Module, state_dict: Mapping[str, Tensor], path: Path | str) -> None:
     """`model.load_state_dict(state_dict, strict=True)` with errors that name the file, keys and shapes."""
     expected = model.state_dict()

@@ -34,8 +34,8 @@ from training.models.clip import ACTIVATIONS, CLIPVisionTransformer
 from training.weights._io import (
     BackboneCheckpoint,
     Sources,
+    load_backbone,
     load_tensor_file,
-    open_checkpoint,
     resample_patch_kernel,
     unwrap,
 )
@@ -270,11 +270,13 @@ def load_clip_weights(path: str | Path) -> BackboneCheckpoint:
     Returns:
         converted state dict, CLIPVisionTransformer kwargs, source name and the weight file read.
     """
-    opened = open_checkpoint(path, "a CLIP .pt/.bin file or a Hugging Face folder", read_file=_read_file)
-    source = SOURCES.check_form(opened, "CLIP")
-    state_dict = clip_checkpoint_filter_fn(opened.state_dict)
-    if opened.config is not None:
-        arch = arch_from_hf_clip_config(opened.config, state_dict, Path(path).expanduser() / "config.json")
-    else:
-        arch = infer_clip_arch(state_dict, opened.weights_path)
-    return BackboneCheckpoint(state_dict, arch, source, opened.weights_path)
+    return load_backbone(
+        path,
+        SOURCES,
+        label="CLIP",
+        help="a CLIP .pt/.bin file or a Hugging Face folder",
+        filter_fn=clip_checkpoint_filter_fn,
+        arch_from_config=arch_from_hf_clip_config,
+        arch_from_tensors=infer_clip_arch,
+        read_file=_read_file,
+    )

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from training.layers.pos_embed import resample_pos_embed
 from training.models.vit import VisionTransformer, remap_legacy_keys
-from training.weights._io import BackboneCheckpoint, Sources, open_checkpoint, resample_patch_kernel
+from training.weights._io import BackboneCheckpoint, Sources, load_backbone, resample_patch_kernel
 from training.weights._keys import Part, block_depth, convert_keys, mirror_keys, square_patch
 
 logger = logging.getLogger(__name__)
@@ -318,11 +318,12 @@ def load_backbone_weights(path: str | Path) -> BackboneCheckpoint:
     Returns:
         converted state dict, VisionTransformer kwargs of its architecture, source name and the weight file read.
     """
-    opened = open_checkpoint(path, "a DINOv2 .pth file or a Hugging Face folder")
-    source = SOURCES.check_form(opened, "DINOv2")
-    state_dict = checkpoint_filter_fn(opened.state_dict)
-    if opened.config is not None:
-        arch = arch_from_hf_config(opened.config, Path(path).expanduser() / "config.json")
-    else:
-        arch = infer_arch(state_dict, opened.weights_path)
-    return BackboneCheckpoint(state_dict, arch, source, opened.weights_path)
+    return load_backbone(
+        path,
+        SOURCES,
+        label="DINOv2",
+        help="a DINOv2 .pth file or a Hugging Face folder",
+        filter_fn=checkpoint_filter_fn,
+        arch_from_config=lambda config, _, where: arch_from_hf_config(config, where),
+        arch_from_tensors=infer_arch,
+    )

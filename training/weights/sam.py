@@ -26,7 +26,7 @@ from torch import Tensor
 from training.layers.pos_embed import resample_pos_embed
 from training.layers.windowed_attention import resample_rel_pos
 from training.models.sam_encoder import SamImageEncoder
-from training.weights._io import BackboneCheckpoint, Sources, open_checkpoint, resample_patch_kernel
+from training.weights._io import BackboneCheckpoint, Sources, load_backbone, resample_patch_kernel
 from training.weights._keys import block_depth, convert_keys, mirror_keys, square_patch
 
 logger = logging.getLogger(__name__)
@@ -254,11 +254,12 @@ def load_sam_weights(path: str | Path) -> BackboneCheckpoint:
     Returns:
         converted state dict, SamImageEncoder kwargs, source name ('sam' or 'hf_sam') and the weight file read.
     """
-    opened = open_checkpoint(path, "a sam_vit_*.pth file or a Hugging Face folder")
-    source = SOURCES.check_form(opened, "SAM")
-    state_dict = sam_checkpoint_filter_fn(opened.state_dict)
-    if opened.config is not None:
-        arch = arch_from_hf_sam_config(opened.config, Path(path).expanduser() / "config.json")
-    else:
-        arch = infer_sam_arch(state_dict, opened.weights_path)
-    return BackboneCheckpoint(state_dict, arch, source, opened.weights_path)
+    return load_backbone(
+        path,
+        SOURCES,
+        label="SAM",
+        help="a sam_vit_*.pth file or a Hugging Face folder",
+        filter_fn=sam_checkpoint_filter_fn,
+        arch_from_config=lambda config, _, where: arch_from_hf_sam_config(config, where),
+        arch_from_tensors=infer_sam_arch,
+    )
