@@ -58,7 +58,7 @@ def select_graph_tasks(model: MultiTaskModel, tasks: Sequence[str] | None) -> tu
     return tuple(t for t in model.tasks if t in tasks)
 
 
-def prepare_for_export(model: MultiTaskModel, height: int, width: int) -> nn.Module:
+def prepare_for_export(model: MultiTaskModel, height: int, width: int) -> MultiTaskModel:
     """The family's inference copy of `model` for a fixed input size: adapters folded, training-only parts dropped,
     position tables pinned, eval mode, no gradients (`MultiTaskModel.inference_copy`; `model` is left untouched).
 

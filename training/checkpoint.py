@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from training.adapters.tuner import merged_copy
 from training.builders.registry import build_model
@@ -24,6 +23,7 @@ from training.checkpoint_format import (
     write_checkpoint_files,
 )
 from training.config import ExperimentConfig
+from training.models.multitask import MultiTaskModule
 from training.models.protocol import MultiTaskModel
 
 __all__ = [
@@ -39,7 +39,7 @@ __all__ = [
 
 @dataclass
 class Checkpoint:
-    model: nn.Module  # a MultiTaskModel
+    model: MultiTaskModule
     config: ExperimentConfig
     labels: dict[str, Any]
     merged: bool
