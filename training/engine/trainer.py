@@ -64,6 +64,12 @@ class TrainResult:
         return f"done in {self.seconds / 60:.1f} min: best epoch {self.best_epoch} ({scores}) -> {self.checkpoint}"
 
 
+def epochs_recorded(run_dir: Path) -> int:
+    """How many epochs `run_dir` has finished (lines of its metrics.jsonl; 0 when there is none)."""
+    metrics = run_dir / METRICS_FILE
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -6,9 +6,11 @@ import logging
 import os
 from pathlib import Path
 
+from training.checkpoint import WEIGHTS_FILE
 from training.config import load_config
 from training.data.writer import synthesize_dataset, write_clip
 from training.engine.run import train
+from training.engine.trainer import epochs_recorded
 from training.eval.evaluate import run_evaluation
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,4 @@ def run_demo(workdir: Path, *, images: int = 4000, seed: int = 0) -> dict:
 
 def _finished(run: Path, epochs: int) -> bool:
     """Whether `run` trained every epoch (one line per epoch in metrics.jsonl) and wrote its merged checkpoint."""
-    metrics = run / "metrics.jsonl"
-    done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-    return done >= epochs and (run / "best-merged" / "model.safetensors").is_file()
+    return epochs_recorded(run) >= epochs and (run / "best-merged" / WEIGHTS_FILE).is_file()
