@@ -180,7 +180,7 @@ def step_bundle_tiny(ctx: StepContext) -> None:
     from export.onnx_export import export_onnx
     from training.config import load_config
     from training.data.writer import synthesize_dataset
-    from training.trainer import train
+    from training.engine.run import train
 
     data = ctx.work / "data"
     synthesize_dataset(data, images=ctx.plan.synth_images, seed=0, height=96, width=96, progress=False, overwrite=True)
@@ -196,10 +196,10 @@ def step_bundle_vits(ctx: StepContext) -> None:
     import torch
 
     from export.onnx_export import export_onnx
+    from training.builders.registry import build_model
     from training.checkpoint import save_checkpoint
     from training.config import load_config
     from training.data.writer import synth_labels
-    from training.factory import build_model
 
     torch.manual_seed(0)
     size = ctx.plan.vits_size

@@ -18,7 +18,7 @@ from export.checks import onnxruntime_session
 from export.manifest import Manifest
 from training.config import DataConfig
 from training.data.datasets import open_dataset_at
-from training.metrics import ClassificationMeter, SegmentationMeter
+from training.eval.metrics import ClassificationMeter, SegmentationMeter
 
 
 def evaluate_graph(

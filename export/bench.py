@@ -91,7 +91,7 @@ def torch_runner(manifest: Manifest, precision: str, device: str) -> Runner:
             f"benchmark on the machine that exported the bundle or restore the checkpoint"
         )
     ckpt = load_checkpoint(source)
-    model = prepare_for_export(ckpt.model, manifest.input.height, manifest.input.width, merged=ckpt.merged)
+    model = prepare_for_export(ckpt.model, manifest.input.height, manifest.input.width)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     graph = BundleGraph(model).to(device=device, dtype=dtype).eval()
 

@@ -5,21 +5,18 @@ does the layout change, scaling and mean/std normalisation (the model's own buff
 batched pass on the per-task stacked weights, and ends in the results the service returns: class probabilities
 (softmax) per classification task and a uint8 class-index map per segmentation task. Logits are optional outputs.
 
-The model code stays export-agnostic: this module only wraps a merged model and pins its position grid.
+The model code stays export-agnostic: this module only wraps the inference copy each family makes of itself.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from training.checkpoint import merged_copy
-from training.models.endoarss import EndoARSS
-from training.models.protocol import ExportableModel
+from training.models.protocol import MultiTaskModel
 
 INPUT_NAME = "frames"
 
@@ -33,7 +30,7 @@ class GraphOutput:
     kind: str  # "probabilities" | "class_map" | "logits"
 
 
-def graph_outputs(model: EndoARSS, tasks: Sequence[str] | None = None, logits: bool = False) -> list[GraphOutput]:
+def graph_outputs(model: MultiTaskModel, tasks: Sequence[str] | None = None, logits: bool = False) -> list[GraphOutput]:
     """Output names in graph order: `<task>_probs` for classification, `<task>` (class map) for segmentation.
 
     With the EndoARSS task names this gives `activity_probs` and `segmentation` (plus `<task>_logits` with `logits`).
@@ -51,7 +48,7 @@ def graph_outputs(model: EndoARSS, tasks: Sequence[str] | None = None, logits: b
     return outputs
 
 
-def select_graph_tasks(model: EndoARSS, tasks: Sequence[str] | None) -> tuple[str, ...]:
+def select_graph_tasks(model: MultiTaskModel, tasks: Sequence[str] | None) -> tuple[str, ...]:
     """`tasks` in model order (all when None); unknown or repeated names raise an error naming the known tasks."""
     if tasks is None:
         return model.tasks
@@ -61,28 +58,22 @@ def select_graph_tasks(model: EndoARSS, tasks: Sequence[str] | None) -> tuple[st
     return tuple(t for t in model.tasks if t in tasks)
 
 
-def prepare_for_export(model: EndoARSS, height: int, width: int, *, merged: bool) -> EndoARSS:
-    """An inference copy of `model` for a fixed input size: adapters folded, position grid pinned, eval mode.
+def prepare_for_export(model: MultiTaskModel, height: int, width: int) -> MultiTaskModel:
+    """The family's inference copy of `model` for a fixed input size: adapters folded, training-only parts dropped,
+    position tables pinned, eval mode, no gradients (`MultiTaskModel.inference_copy`; `model` is left untouched).
 
     Args:
-        model: a trained model (left untouched).
+        model: a trained model, merged (a `best-merged` checkpoint) or not.
         height: model input height in pixels (a multiple of the patch size).
         width: model input width in pixels.
-        merged: `model` already holds merged per-task weights (a `best-merged` checkpoint).
     """
-    if isinstance(model, ExportableModel):  # families with their own inference form (see the protocol)
-        return model.inference_copy(height, width).eval().requires_grad_(False)
-    prepared = copy.deepcopy(model if merged else merged_copy(model))
-    prepared.backbone.pin_input_size(height, width)
-    for param in prepared.parameters():
-        param.requires_grad_(False)
-    return prepared.eval()
+    return model.inference_copy(height, width).eval().requires_grad_(False)
 
 
 class BundleGraph(nn.Module):
     """uint8 frames (B H W 3, RGB) -> per-task results, in `graph_outputs` order."""
 
-    def __init__(self, model: EndoARSS, *, tasks: Sequence[str] | None = None, logits: bool = False) -> None:
+    def __init__(self, model: MultiTaskModel, *, tasks: Sequence[str] | None = None, logits: bool = False) -> None:
         """
         Args:
             model: a merged model in eval mode (see `prepare_for_export`).

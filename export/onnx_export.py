@@ -136,7 +136,7 @@ def export_onnx(
     for task in ckpt.labels["tasks"]:
         if task["kind"] == "segmentation" and len(task["classes"]) > 256:
             raise ValueError(f"task {task['name']!r} has {len(task['classes'])} classes; the uint8 map holds 256")
-    model = prepare_for_export(ckpt.model, height, width, merged=ckpt.merged)
+    model = prepare_for_export(ckpt.model, height, width)
     graph = BundleGraph(model, tasks=tasks, logits=logits).eval()
     outputs = graph.outputs
     out.mkdir(parents=True, exist_ok=True)

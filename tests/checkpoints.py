@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.builders.registry import build_model
 from training.checkpoint import save_checkpoint
 from training.config import load_config
 from training.data.writer import synth_labels
-from training.factory import build_model
 
 SIZE = 64
 SMALL = [

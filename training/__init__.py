@@ -1,5 +1,1 @@
-"""Training side of endostream: backbones, adapters, models, data, trainer, evaluation."""
-
-from training.backbones import BACKBONES, build_backbone
-
-__all__ = ["BACKBONES", "build_backbone"]
+"""Training side of endostream, in rooms by role; see training/README.md for the rooms and their one-way arrows."""

@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class BackboneConfig:
-    name: str = field(default="vit_tiny_p8", metadata={"help": "registry name, see training.backbones"})
+    name: str = field(default="vit_tiny_p8", metadata={"help": "registry name, see training.builders.backbones"})
     checkpoint: str | None = field(default=None, metadata={"help": "DINOv2 .pth or Hugging Face model directory"})
     freeze: bool = field(default=True, metadata={"help": "freeze the base weights (paper); False trains them too"})
     overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "constructor kwargs, e.g. depth"})
@@ -231,7 +231,8 @@ class MSAMSection:
 @dataclass
 class ModelConfig:
     family: Literal["endoarss", "sak", "msam", "bdta"] = field(
-        default="endoarss", metadata={"help": "model family; training.factory.FAMILIES maps it to its builder"}
+        default="endoarss",
+        metadata={"help": "model family; training.builders.registry.FAMILIES maps it to a builder"},
     )
     image_size: tuple[int, int] = (128, 128)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

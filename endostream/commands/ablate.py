@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.ablation import run_ablation
+    from training.jobs.ablation import run_ablation
 
     run_ablation(
         args.config,

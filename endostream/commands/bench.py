@@ -240,7 +240,7 @@ def run_ws(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.train_cost import bench_train_cost
+    from training.jobs.train_cost import bench_train_cost
 
     report = bench_train_cost(
         bdta_config=args.bdta_config,

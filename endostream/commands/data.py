@@ -15,11 +15,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     data = sub.add_parser("data", help="generate or inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="render a synthetic endoscopy dataset (EndoARSS layout)")
-    _add_synth_arguments(synth)
+    add_synth_arguments(synth)
     synth.set_defaults(func=run_synth)
 
 
-def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     parser.add_argument("--images", type=int, default=4000, help="still frames (default: 4000)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files")

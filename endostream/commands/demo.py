@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = args.workdir / "bundle"
     if not (bundle / "manifest.json").is_file():
         from export.onnx_export import export_onnx
-        from training.demo import run_demo
+        from training.jobs.demo import run_demo
 
         run_demo(args.workdir, images=args.images, seed=args.seed)
         export_onnx(args.workdir / "runs" / "tiny" / "best-merged", bundle, overwrite=True)

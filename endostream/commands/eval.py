@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     if args.corruptions is not None:
         return run_robustness(args)
-    from training.evaluate import run_evaluation
+    from training.eval.evaluate import run_evaluation
 
     run_evaluation(
         args.checkpoint,
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_robustness(args: argparse.Namespace) -> int:
-    from training.robustness import parse_corruptions, parse_severities, run_robustness
+    from training.eval.corruptions import parse_corruptions, parse_severities
+    from training.eval.robustness import run_robustness
 
     run_robustness(
         args.checkpoint,

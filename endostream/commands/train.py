@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from training.config import load_config
-    from training.trainer import train
+    from training.engine.run import train
 
     overrides = list(args.overrides)
     if args.data is not None:

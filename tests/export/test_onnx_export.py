@@ -20,7 +20,7 @@ from export.manifest import MANIFEST_FILE, MODEL_FILE, read_manifest, sha256_fil
 from export.onnx_export import export_onnx, generated_frames
 from tests.checkpoints import SIZE, make_checkpoint
 from tests.export.parity import assert_bundle_matches_checkpoint, run_checkpoint
-from training.adapters import AdapterLinear
+from training.adapters.tuner import AdapterLinear
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)

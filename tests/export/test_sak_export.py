@@ -14,7 +14,7 @@ from export.checks import adapter_initializers, initializer_sizes, onnxruntime_s
 from export.manifest import MODEL_FILE, read_manifest
 from export.onnx_export import export_onnx, generated_frames
 from tests.checkpoints import make_checkpoint
-from training.adapters import AdapterLinear
+from training.adapters.tuner import AdapterLinear
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,9 +19,9 @@ from export.manifest import MODEL_FILE
 from export.onnx_export import export_onnx, generated_frames
 from tests.checkpoints import SIZE, make_checkpoint
 from tests.export.parity import run_bundle
-from training.adapters import AdapterLinear
+from training.adapters.ta_lora import TaskAwareLoraVariant, uses_ta_lora
+from training.adapters.tuner import AdapterLinear
 from training.checkpoint import load_checkpoint
-from training.layers.ta_lora import TaskAwareLoraVariant, uses_ta_lora
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,30 +3,18 @@ a cycle, and an acyclic tree), and on the repository itself."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 
-import pytest
+from tests.layout import CYCLE_SCRIPT, REPO, cycle_checker
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "check_import_cycles.py"
-
-
-def _load() -> ModuleType:
-    # by path: scripts/ is no package, and an installed distribution may own the name `scripts`
-    spec = importlib.util.spec_from_file_location("check_import_cycles", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+ROOT = REPO
+SCRIPT = CYCLE_SCRIPT
 
 
-cic = _load()
+cic = cycle_checker()
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -179,13 +167,6 @@ def test_command_line_exit_status(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "nope" in missing.stderr
 
 
-# The training/ restructuring of issue 19 removes these; flip to a plain test when it is merged.
-@pytest.mark.xfail(
-    strict=True,
-    reason="training/ has import cycles until its restructuring lands: training.trainer <-> training.build_sak "
-    "(function-level), training.layers.lora <-> adapter_variants / ta_lora (TYPE_CHECKING), "
-    "training.robustness <-> training.robustness_report (function-level)",
-)
 def test_repository_has_no_import_cycles() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), str(ROOT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

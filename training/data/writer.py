@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -241,18 +240,7 @@ def synthesize_dataset(
         workers: processes rendering still frames; the files do not depend on it.
     """
     out = Path(out)
-    if images < 0 or videos < 0:
-        raise ValueError(f"images and videos must be non-negative; got images={images}, videos={videos}")
-    if images == 0 and videos == 0:
-        raise ValueError("nothing to generate: give --images N (and/or --video K)")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative; got {seed}")
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1; got {workers}")
-    if min(height, width) < 64:
-        raise ValueError(f"image size {height}x{width} is too small; use at least 64x64")
-    if video_size[0] % 2 or video_size[1] % 2 or min(video_size) < 64:
-        raise ValueError(f"video size {video_size} must be even and at least 64 (H.264 yuv420p)")
+    _check_request(images, videos, seed, workers, (height, width), video_size)
     split_of = assign_splits(images, seed, splits)
     _prepare(out, overwrite)
     started = time.perf_counter()
@@ -283,23 +271,7 @@ def synthesize_dataset(
         summary.class_images[split] = {c: k for c, _, k in shares}
     summary.distractor_fraction = round(distractors / max(1, images), 4)
     if videos:
-        folder = out / VIDEO_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        for clip in tqdm(range(videos), desc="synth clips", disable=not progress, dynamic_ncols=True):
-            clip_started = time.perf_counter()
-            record = write_clip(folder, clip, seed, seconds=video_seconds, fps=fps, size=video_size, progress=progress)
-            frames = [entry["activity"] for entry in record["labels"]]
-            summary.videos.append(
-                {
-                    "name": record["name"],
-                    "frames": record["frames"],
-                    "activities": {a: frames.count(a) for a in ACTIVITIES if a in frames},
-                    "segments": len(record["segments"]),
-                }
-            )
-            logger.info(
-                "clip %s: %d frames in %.1f s", record["name"], record["frames"], time.perf_counter() - clip_started
-            )
+        summary.videos = _write_clips(out / VIDEO_DIR, videos, seed, video_seconds, fps, video_size, progress)
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     source = {
         "generator": GENERATOR,
@@ -318,26 +290,53 @@ def synthesize_dataset(
     return summary
 
 
-def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `endostream data synth`."""
-    parser.add_argument("--out", type=Path, required=True, help="dataset folder to create")
-    parser.add_argument("--images", type=int, default=4000, help="still frames (default: 4000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files")
-    parser.add_argument("--video", type=int, default=0, metavar="K", help="also render K MP4 clips")
-    parser.add_argument("--height", type=int, default=256, help="still frame height (default: 256)")
-    parser.add_argument("--width", type=int, default=256, help="still frame width (default: 256)")
-    parser.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
-    parser.add_argument("--video-seconds", type=float, default=6.0, help="clip length (default: 6)")
-    parser.add_argument("--fps", type=int, default=30, help="clip frame rate (default: 30)")
-    parser.add_argument("--video-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="processes rendering images (default: all cores; same files for any)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a previously generated dataset in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+def _check_request(
+    images: int, videos: int, seed: int, workers: int, size: tuple[int, int], video_size: tuple[int, int]
+) -> None:
+    """Raise on a request `synthesize_dataset` cannot fulfil, naming the bad value."""
+    height, width = size
+    if images < 0 or videos < 0:
+        raise ValueError(f"images and videos must be non-negative; got images={images}, videos={videos}")
+    if images == 0 and videos == 0:
+        raise ValueError("nothing to generate: give --images N (and/or --video K)")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative; got {seed}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1; got {workers}")
+    if min(height, width) < 64:
+        raise ValueError(f"image size {height}x{width} is too small; use at least 64x64")
+    if video_size[0] % 2 or video_size[1] % 2 or min(video_size) < 64:
+        raise ValueError(f"video size {video_size} must be even and at least 64 (H.264 yuv420p)")
+
+
+def _write_clips(
+    folder: Path,
+    videos: int,
+    seed: int,
+    seconds: float,
+    fps: int,
+    size: tuple[int, int],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Write `videos` labelled clips into `folder`; their summary entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for clip in tqdm(range(videos), desc="synth clips", disable=not progress, dynamic_ncols=True):
+        clip_started = time.perf_counter()
+        record = write_clip(folder, clip, seed, seconds=seconds, fps=fps, size=size, progress=progress)
+        frames = [entry["activity"] for entry in record["labels"]]
+        entries.append(
+            {
+                "name": record["name"],
+                "frames": record["frames"],
+                "activities": {a: frames.count(a) for a in ACTIVITIES if a in frames},
+                "segments": len(record["segments"]),
+            }
+        )
+        logger.info(
+            "clip %s: %d frames in %.1f s", record["name"], record["frames"], time.perf_counter() - clip_started
+        )
+    return entries
 
 
 def run_synth(args: argparse.Namespace) -> DatasetSummary:

@@ -4,7 +4,6 @@ from training.layers.attention import Attention
 from training.layers.block import Block, DropPath
 from training.layers.export_mode import exportable, is_exportable
 from training.layers.layer_scale import LayerScale
-from training.layers.lora import AdapterLinear, TaskLinear
 from training.layers.mlp import Mlp, SwiGLUFFN
 from training.layers.patch_embed import PatchEmbed, resample_patch_embed
 from training.layers.pos_embed import resample_pos_embed
@@ -12,7 +11,6 @@ from training.layers.sma import SMA, EfficientMultiScaleAttention
 from training.layers.windowed_attention import RelPosAttention, window_partition, window_unpartition
 
 __all__ = [
-    "AdapterLinear",
     "Attention",
     "Block",
     "DropPath",
@@ -23,7 +21,6 @@ __all__ = [
     "RelPosAttention",
     "SMA",
     "SwiGLUFFN",
-    "TaskLinear",
     "exportable",
     "is_exportable",
     "resample_patch_embed",

@@ -5,7 +5,7 @@ Paper: Radford et al., "Learning Transferable Visual Models From Natural Languag
 without bias, a learned class embedding, a learned position embedding (cls + grid), LayerNorm before the blocks
 (`ln_pre`), pre-norm blocks (fused qkv attention, MLP with QuickGELU for OpenAI weights or GELU for most open_clip
 ones), and LayerNorm after the blocks applied to the class token only (`ln_post`), then an optional bias-free
-projection to the joint image-text space (`proj`, here `head`). Weight conversion lives in `training.convert_clip`.
+projection to the joint image-text space (`proj`, here `head`). Weight conversion lives in `training.weights.clip`.
 
 Output contract (`forward_features`), matching transformers `CLIPVisionModel`: `x_norm_clstoken` is CLIP's pooled
 output (post-LayerNorm class token, before the projection: `pooler_output`) and `x_norm_patchtokens` the encoder's

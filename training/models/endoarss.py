@@ -14,12 +14,13 @@ is computed and shared by all heads.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 from torch import Tensor, nn
 
-from training.adapters import active_tasks
+from training.adapters.tuner import active_tasks, merged_copy
 from training.models.heads import run_task_heads
 from training.models.multitask import MultiTaskModule
 
@@ -96,6 +97,16 @@ class EndoARSS(MultiTaskModule):
             if owner in names:
                 names[owner].append(name)
         return names
+
+    def inference_copy(self, height: int, width: int) -> EndoARSS:
+        """An eval-mode copy for a fixed `height` x `width` input: adapters folded per task, position grid pinned.
+
+        A merged model (a `best-merged` checkpoint) has no adapter layer left and is copied as it is. The original
+        model is untouched.
+        """
+        inference = copy.deepcopy(merged_copy(self))
+        inference.backbone.pin_input_size(height, width)
+        return inference.requires_grad_(False).eval()
 
 
 def _adapter_task(name: str) -> str | None:

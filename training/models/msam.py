@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.adapters import active_tasks, iter_adapter_layers, merge_and_unload
+from training.adapters.tuner import active_tasks, merged_copy
 from training.models.multitask import MultiTaskModule
 from training.models.sam_decoder import DensePositionEncoding
 from training.models.sam_encoder import SamImageEncoder
@@ -147,18 +147,13 @@ class MSAM(MultiTaskModule):
     def inference_copy(self, height: int, width: int) -> MSAM:
         """An eval-mode copy for a fixed `height` x `width` input: adapters merged per task, position tables pinned.
 
-        Every adapter of the encoder is folded into per-task stacked weights (`merge_and_unload`; a merged model is
+        Every adapter of the encoder is folded into per-task stacked weights (`merged_copy`; a merged model is
         copied as it is), the absolute position table, the relative tables of the global blocks and the decoders'
         grid encoding are stored for this size, so the graph adds constants instead of resampling. The original model
         is untouched.
         """
         grid = self.backbone.grid_size(height, width)
-        if next(iter_adapter_layers(self.backbone), None) is not None:
-            tasks = self.tasks if self.per_task_streams else self.tasks[0]
-            backbone = merge_and_unload(self.backbone, tasks)
-        else:
-            backbone = copy.deepcopy(self.backbone)
-        inference = copy.deepcopy(self, memo={id(self.backbone): backbone})  # the merged backbone, not a 2nd copy
+        inference = copy.deepcopy(merged_copy(self))
         inference.backbone.pin_input_size(height, width)
         inference.pe_layer.pin(*grid)
         return inference.requires_grad_(False).eval()

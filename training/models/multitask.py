@@ -11,16 +11,25 @@ from torch import Tensor, nn
 
 
 class MultiTaskModule(nn.Module, ABC):
-    """Base of the multi-task models (the module side of `protocol.MultiTaskModel`). A subclass defines `tasks` and
-    calls `register_pixel_stats` in `__init__`."""
+    """Base of the multi-task models (the module side of `protocol.MultiTaskModel`). A subclass defines `tasks`,
+    `task_parameter_names` and `inference_copy`, and calls `register_pixel_stats` in `__init__`."""
 
     pixel_mean: Tensor
     pixel_std: Tensor
+    task_kinds: dict[str, str]  # task -> "classification" | "segmentation", in model order
 
     @property
     @abstractmethod
     def tasks(self) -> tuple[str, ...]:
         """Task names in model order."""
+
+    @abstractmethod
+    def task_parameter_names(self) -> dict[str, list[str]]:
+        """Parameter names owned by each task (heads, per-task adapters); the rest is shared."""
+
+    @abstractmethod
+    def inference_copy(self, height: int, width: int) -> MultiTaskModule:
+        """An eval-mode copy for a fixed input size: adapters merged, training-only parts dropped (what export runs)."""
 
     def register_pixel_stats(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """RGB mean and std in 0-255 units, as 1 3 1 1 buffers."""

@@ -8,9 +8,9 @@ into an adapter-free inference copy for a fixed input size (what the exporter tr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @runtime_checkable
@@ -20,7 +20,7 @@ class MultiTaskModel(Protocol):
     @property
     def tasks(self) -> tuple[str, ...]: ...
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+    def __call__(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """images: B x 3 x H x W, 0-255 range (uint8 or float; the model normalises) -> logits per task:
         classification B x K, segmentation B x K x H x W at the input size."""
         ...
@@ -29,15 +29,12 @@ class MultiTaskModel(Protocol):
         """Parameter names owned by each task (heads, per-task adapters); the rest is shared."""
         ...
 
-
-@runtime_checkable
-class ExportableModel(MultiTaskModel, Protocol):
-    """Families whose inference form differs from their training form implement this; the exporter calls it.
-
-    EndoARSS does not need to: `export.graph.prepare_for_export` knows its adapters and position table.
-    """
-
-    def inference_copy(self, height: int, width: int) -> nn.Module:
+    def inference_copy(self, height: int, width: int) -> MultiTaskModel:
         """An eval-mode copy for a fixed `height` x `width` input with every adapter merged, every training-only
-        part (teachers, aligners, router noise) dropped, and position tables pinned; the original is untouched."""
+        part (teachers, aligners, router noise) dropped, and position tables pinned; the original is untouched.
+        The exporter traces this copy and nothing else (`export.graph.prepare_for_export`)."""
         ...
+
+    def eval(self) -> Self: ...
+
+    def requires_grad_(self, requires_grad: bool = True) -> Self: ...

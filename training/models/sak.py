@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.adapters import iter_adapter_layers, merge_and_unload
-from training.distill import TeacherBank, distillation_losses
+from training.adapters.tuner import iter_adapter_layers, merge_and_unload
+from training.distill.losses import distillation_losses
+from training.distill.teachers import TeacherBank
 from training.models.heads import ActivityHead
 from training.models.multitask import MultiTaskModule
 

@@ -9,7 +9,7 @@ token's hypernetwork MLP gives the weights of a dot product with it: one mask pe
 The IoU head predicts each mask's quality from the IoU token.
 
 Module names follow `segment_anything/modeling/mask_decoder.py` and `transformer.py` so released checkpoints load
-with one rename (`mlp.lin1/lin2` -> `mlp.fc1/fc2`, our `Mlp`); see `training.convert_sam_decoder`. The positional
+with one rename (`mlp.lin1/lin2` -> `mlp.fc1/fc2`, our `Mlp`); see `training.weights.sam_decoder`. The positional
 encoding of the image grid is SAM's random Fourier features (`PositionEmbeddingRandom` in its prompt encoder), here
 `DensePositionEncoding`, since mSAM drops the prompt encoder but the decoder still needs it.
 

@@ -5,7 +5,7 @@ patch embedding 16, absolute position embedding on the 64 x 64 grid of a 1024 px
 attention except the blocks in `global_attn_indexes`, decomposed relative position bias (MViTv2), then a neck
 1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d to `out_chans` (256) channels. Module names follow
 `segment_anything/modeling/image_encoder.py` (`ImageEncoderViT`) so released checkpoints load with one rename
-(`mlp.lin1/lin2` -> `mlp.fc1/fc2`, our MLP); see `training.convert_sam`.
+(`mlp.lin1/lin2` -> `mlp.fc1/fc2`, our MLP); see `training.weights.sam`.
 
 Tokens stay on the grid (B H W C) throughout. Inputs of other sizes (multiples of 16) resample the absolute position
 embedding bicubically by size (ViTDet `get_abs_pos`); global blocks resample their relative-position tables linearly

@@ -69,6 +69,22 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return int(first), int(second)
 
 
+def _check_shape(img_size: tuple[int, int], patch_size: int, embed_dim: int, num_heads: int, ffn_layer: str) -> None:
+    """Raise on sizes a VisionTransformer cannot be built with, naming the bad value."""
+    if img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+    if ffn_layer not in ("mlp", "swiglu"):
+        raise ValueError(f"ffn_layer {ffn_layer!r} is not supported; expected 'mlp' or 'swiglu'")
+
+
+def _ffn_hidden(embed_dim: int, mlp_ratio: float, ffn_layer: str) -> int:
+    """Feed-forward hidden width from `mlp_ratio` (SwiGLU keeps 2/3 of it, rounded up to 8)."""
+    hidden = int(embed_dim * mlp_ratio)
+    return swiglu_hidden_features(hidden) if ffn_layer == "swiglu" else hidden
+
+
 class VisionTransformer(nn.Module):
     """DINOv2-style ViT: patch embedding, cls + optional register tokens, LayerScale blocks, final LayerNorm."""
 
@@ -128,12 +144,7 @@ class VisionTransformer(nn.Module):
         """
         super().__init__()
         img_size = _pair(img_size)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        if ffn_layer not in ("mlp", "swiglu"):
-            raise ValueError(f"ffn_layer {ffn_layer!r} is not supported; expected 'mlp' or 'swiglu'")
+        _check_shape(img_size, patch_size, embed_dim, num_heads, ffn_layer)
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = self.num_features = embed_dim
@@ -143,11 +154,8 @@ class VisionTransformer(nn.Module):
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
         self.pos_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
-
         if mlp_hidden_dim is None:
-            mlp_hidden_dim = int(embed_dim * mlp_ratio)
-            if ffn_layer == "swiglu":
-                mlp_hidden_dim = swiglu_hidden_features(mlp_hidden_dim)
+            mlp_hidden_dim = _ffn_hidden(embed_dim, mlp_ratio, ffn_layer)
         self.mlp_hidden_dim = mlp_hidden_dim
         self.ffn_layer = ffn_layer
         ffn_fn = SwiGLUFFN if ffn_layer == "swiglu" else partial(Mlp, act_layer=act_layer)

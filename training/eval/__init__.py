@@ -1,0 +1,1 @@
+"""Evaluation: metrics, evaluating a model or checkpoint, reports, robustness under corruptions."""
