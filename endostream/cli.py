@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from endostream import commands_temporal
+
 logger = logging.getLogger("endostream")
 
 DEFAULT_WORKDIR = Path("endostream-work")
@@ -217,6 +219,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write model.pt2 (torch.export program) for the service's torch backend",
     )
+    onnx.add_argument("--temporal-head", type=Path, help="temporal head to bundle (RUN/tcn of train-temporal)")
     onnx.set_defaults(func=_run_export_onnx)
     quantize = export_sub.add_parser("quantize", help="an INT8 bundle (static QDQ quantisation, calibrated)")
     quantize.add_argument("bundle", type=Path, help="fp32 bundle folder")
@@ -271,6 +274,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         overwrite=args.overwrite,
         torch_program=args.torch_program,
+        temporal_head=args.temporal_head,
     )
     parity = result.manifest.checks["parity"]
     print(
@@ -651,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_gpu_check(sub)
     _add_serve(sub)
+    commands_temporal.add_parsers(sub)
     return parser
 
 
