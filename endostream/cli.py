@@ -187,7 +187,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         from export.onnx_export import export_onnx
 
         run_demo(args.workdir, images=args.images, seed=args.seed)
-        export_onnx(args.workdir / "runs" / "tiny" / "best-merged", bundle, overwrite=True)
+        head = commands_temporal.demo_temporal(args.workdir)
+        export_onnx(args.workdir / "runs" / "tiny" / "best-merged", bundle, overwrite=True, temporal_head=head)
     else:
         logger.info("demo bundle %s exists; delete it to rebuild", bundle)
     if args.no_serve:

@@ -105,3 +105,17 @@ def train_and_report(
     (out / EVAL_JSON).write_text(json.dumps(report, indent=1) + "\n")
     (out / EVAL_MD).write_text(markdown_table(report))
     return report
+
+
+def demo_temporal(workdir: Path) -> Path:
+    """The demo's temporal step: train and evaluate the heads on the demo checkpoint unless done; the TCN's folder.
+
+    Writes `workdir/temporal/` (heads, eval.json, eval.md, timeline.png) with its feature cache in
+    `workdir/temporal-cache/`; a finished run (eval.json present) is kept.
+    """
+    out = Path(workdir) / "temporal"
+    if not (out / EVAL_JSON).is_file():
+        checkpoint = Path(workdir) / "runs" / "tiny" / "best-merged"
+        train_and_report(checkpoint, out, cache_dir=Path(workdir) / "temporal-cache")
+        logger.info("temporal heads: %s (table in %s)", out, out / EVAL_MD)
+    return out / "tcn"

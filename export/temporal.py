@@ -87,8 +87,10 @@ def export_head(head: TemporalHead, path: Path, opset: int) -> HeadExport:
     path = Path(path)
     x = torch.zeros(2, head.input_dim)
     state = head.init_state(2)
+    from export.onnx_export import _quiet_exporter_logs  # here: onnx_export imports this module
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter_logs():
             torch.onnx.export(
                 HeadStep(head).eval(),
                 (x, state),
@@ -99,6 +101,7 @@ def export_head(head: TemporalHead, path: Path, opset: int) -> HeadExport:
                 opset_version=opset,
                 external_data=False,
                 dynamo=True,
+                verbose=False,
             )
         check_graph(path)
         diff = step_parity(head, path)
