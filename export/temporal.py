@@ -158,4 +158,6 @@ def manifest_section(
         "frame_interval_s": frame_interval_s,
         "receptive_field_frames": head.receptive_field_frames,
         "parity_max_abs_diff": parity,
+        # beyond the contract (ignored by readers that do not know it): the learned head's HMM output filter
+        "output_filter": head.config().get("filter_beta"),
     }

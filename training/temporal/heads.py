@@ -7,11 +7,17 @@ is what `temporal_head.onnx` exports (shared contract: inputs `features`, `state
 
 - `CausalTCN` (learned; input: the activity head's pre-logit features). TeCNO's causal dilated TCN (Czempiel et al.,
   MICCAI 2020, one stage): a 1x1 projection, `layers` dilated residual layers (causal conv, kernel 3, dilation 2^l,
-  ReLU, 1x1 conv, dropout, residual) and a 1x1 classifier. Receptive field 1 + (k-1)(2^L - 1) steps: 63 for the
-  default 5 layers, 12.6 s at 0.2 s per step. Training left-pads every sequence with receptive_field - 1 zero
+  ReLU, 1x1 conv, dropout, residual) and a 1x1 classifier. Receptive field 1 + (k-1)(2^L - 1) steps: 31 for the
+  4 layers `train-temporal` uses, 15.5 s at 0.5 s per step (segments last ~10 s: one segment plus its context).
+  Training left-pads every sequence with receptive_field - 1 zero
   *input* frames and runs valid convolutions, so "zero history" is defined on the input; the step's state is
   the ring buffer of the last receptive_field - 1 inputs (zeros = that same padding), which makes step == forward
   exact rather than approximately equal (per-layer padding would need a buffer per layer).
+  Optional output filter (`filter_beta`): an `HMMFilter` over the TCN's own probabilities (transitions from the
+  training labels). The TCN fixes the per-frame model's long systematic errors (it sees the features, not just
+  the argmax) but, trained on ~50 clips, still flips for a step or two at times; the HMM's sticky transitions
+  remove those flips. `train.fit_output_filter` decides on the validation clips whether to use it (and its beta)
+  by segmental F1. With the filter the state gains one row: the belief, zero-padded to the feature width.
 - `EMAFilter` (training-free; input: per-frame probabilities): p_t = a p_{t-1} + (1 - a) x_t, p_0 = x_0.
   State: the last output (K); zeros = fresh (a probability vector never sums to 0).
 - `HMMFilter` (training-free; input: per-frame probabilities): the HMM forward filter
@@ -111,10 +117,11 @@ class CausalTCN(TemporalHead):
         input_dim: int,
         num_classes: int,
         channels: int = 64,
-        layers: int = 5,
+        layers: int = 4,
         kernel_size: int = 3,
         dropout: float = 0.3,
         input_dropout: float = 0.2,
+        filter_beta: float | None = None,
     ) -> None:
         """
         Args:
@@ -125,6 +132,8 @@ class CausalTCN(TemporalHead):
             kernel_size: temporal kernel of every dilated conv.
             dropout: dropout inside each residual layer.
             input_dropout: dropout on the input features (whole feature channels), a regulariser for few clips.
+            filter_beta: add an HMM forward filter with this emission exponent on the output (None: no filter);
+                its transitions are set with `output_filter.fit_transitions`.
         """
         super().__init__(input_dim, num_classes)
         if layers < 1 or kernel_size < 2 or channels < 1:
@@ -141,14 +150,19 @@ class CausalTCN(TemporalHead):
         self.proj = nn.Conv1d(input_dim, channels, 1)
         self.blocks = nn.ModuleList(_DilatedResidual(channels, kernel_size, 2**i, dropout) for i in range(layers))
         self.classifier = nn.Conv1d(channels, num_classes, 1)
+        if filter_beta is not None and num_classes > input_dim:
+            raise ValueError(f"the output filter's belief ({num_classes}) must fit a state row ({input_dim})")
+        self.output_filter = HMMFilter(num_classes, filter_beta) if filter_beta is not None else None
 
     @property
     def receptive_field_frames(self) -> int:
+        """Steps of input the convolutions see (the output filter, when present, adds a decaying memory)."""
         return 1 + (self.kernel_size - 1) * (2**self.layers - 1)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
-        return (self.receptive_field_frames - 1, self.input_dim)
+        rows = self.receptive_field_frames - 1 + (self.output_filter is not None)
+        return (rows, self.input_dim)
 
     def fit_normalisation(self, features: np.ndarray) -> None:
         """Set the input standardisation from training features (M D)."""
@@ -168,12 +182,18 @@ class CausalTCN(TemporalHead):
         return self._logits_valid(F.pad(x, (0, 0, self.receptive_field_frames - 1, 0)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.logits(x).softmax(dim=-1)
+        probs = self.logits(x).softmax(dim=-1)  # N T K
+        return probs if self.output_filter is None else self.output_filter(probs)
 
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        window = torch.cat([state, x.unsqueeze(1)], dim=1)  # N R D: the ring buffer plus the new input
+        history = self.receptive_field_frames - 1
+        window = torch.cat([state[:, :history], x.unsqueeze(1)], dim=1)  # N R D: the ring buffer plus the new input
         probs = self._logits_valid(window)[:, -1].softmax(dim=-1)  # N K
-        return probs, window[:, 1:]
+        if self.output_filter is None:
+            return probs, window[:, 1:]
+        belief, _ = self.output_filter.step(probs, state[:, history, : self.num_classes])
+        row = F.pad(belief, (0, self.input_dim - self.num_classes)).unsqueeze(1)  # N 1 D
+        return belief, torch.cat([window[:, 1:], row], dim=1)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -185,6 +205,7 @@ class CausalTCN(TemporalHead):
             "kernel_size": self.kernel_size,
             "dropout": self.dropout,
             "input_dropout": self.input_dropout,
+            "filter_beta": None if self.output_filter is None else self.output_filter.beta,
         }
 
 

@@ -2,7 +2,9 @@
 
 Writes into the run folder:
 
-    tcn/, ema/, hmm/         one head each (head.json + head.safetensors; see heads.save_head)
+    tcn/, ema/, hmm/         one head each (head.json + head.safetensors; see heads.save_head); tcn/ is the
+                             learned head with the output filter the validation clips chose
+    tcn_raw/                 the same TCN without an output filter (an evaluation row, for comparison)
     train_log.json           clip set, feature store, TCN training history, baseline parameter search
     timeline.png             one test clip: ground truth, per-frame and temporal labels over time
 
@@ -22,7 +24,7 @@ from training.temporal.evaluate import PER_FRAME, evaluate_methods, method_predi
 from training.temporal.features import build_feature_set
 from training.temporal.heads import TemporalHead, save_head
 from training.temporal.plot import plot_timeline
-from training.temporal.train import TCNConfig, fit_ema, fit_hmm, train_tcn
+from training.temporal.train import TCNConfig, fit_ema, fit_hmm, fit_output_filter, train_tcn
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +54,15 @@ def train_temporal(
     timings["features"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    learned, tcn_log = train_tcn(data, tcn, progress=progress)
+    raw, tcn_log = train_tcn(data, tcn, progress=progress)
+    learned, filter_log = fit_output_filter(data, raw)
+    tcn_log["output_filter"] = filter_log
     timings["train_tcn"] = time.perf_counter() - started
     started = time.perf_counter()
     ema, ema_log = fit_ema(data)
     hmm, hmm_log = fit_hmm(data)
     timings["fit_baselines"] = time.perf_counter() - started
-    heads: dict[str, TemporalHead] = {"ema": ema, "hmm": hmm, "tcn": learned}
+    heads: dict[str, TemporalHead] = {"ema": ema, "hmm": hmm, "tcn_raw": raw, "tcn": learned}
 
     meta = {
         "task": data.meta["task"],

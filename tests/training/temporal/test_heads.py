@@ -23,7 +23,10 @@ def _heads() -> list[TemporalHead]:
     torch.manual_seed(0)
     tcn = CausalTCN(D, K, channels=8, layers=3)
     tcn.fit_normalisation(np.random.default_rng(0).random((50, D)) * 3)
-    return [tcn.eval(), EMAFilter(K, alpha=0.7), _hmm()]
+    filtered = CausalTCN(D, K, channels=8, layers=3, filter_beta=2.0)
+    filtered.load_state_dict(tcn.state_dict(), strict=False)
+    filtered.output_filter.load_state_dict(_hmm().state_dict())
+    return [tcn.eval(), filtered.eval(), EMAFilter(K, alpha=0.7), _hmm()]
 
 
 def _inputs(head: TemporalHead, seed: int = 0) -> torch.Tensor:
@@ -31,7 +34,7 @@ def _inputs(head: TemporalHead, seed: int = 0) -> torch.Tensor:
     return x.softmax(-1) if head.input_kind == "probs" else x
 
 
-@pytest.mark.parametrize("head", _heads(), ids=lambda h: h.method)
+@pytest.mark.parametrize("head", _heads(), ids=["tcn", "tcn_hmm", "ema", "hmm"])
 def test_causal(head: TemporalHead) -> None:
     x = _inputs(head)
     changed = x.clone()
@@ -43,7 +46,7 @@ def test_causal(head: TemporalHead) -> None:
     assert torch.allclose(a.sum(-1), torch.ones(2, T), atol=1e-5)
 
 
-@pytest.mark.parametrize("head", _heads(), ids=lambda h: h.method)
+@pytest.mark.parametrize("head", _heads(), ids=["tcn", "tcn_hmm", "ema", "hmm"])
 def test_step_from_zeros_equals_sequence(head: TemporalHead) -> None:
     x = _inputs(head)
     with torch.no_grad():
@@ -69,6 +72,14 @@ def test_tcn_receptive_field() -> None:
     assert torch.equal(a[:, 15:], b[:, 15:])
 
 
+def test_output_filter_state_row() -> None:
+    tcn = CausalTCN(D, K, channels=8, layers=3, filter_beta=2.0)
+    assert tcn.state_shape == (15, D)  # 14 ring-buffer rows + the belief row
+    assert tcn.config()["filter_beta"] == 2.0
+    with pytest.raises(ValueError, match="must fit a state row"):
+        CausalTCN(3, K, filter_beta=1.0)
+
+
 def test_ema_and_hmm_values() -> None:
     ema = EMAFilter(2, alpha=0.5)
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
@@ -85,7 +96,7 @@ def test_ema_and_hmm_values() -> None:
     assert torch.allclose(out[1], want / want.sum())
 
 
-@pytest.mark.parametrize("head", _heads(), ids=lambda h: h.method)
+@pytest.mark.parametrize("head", _heads(), ids=["tcn", "tcn_hmm", "ema", "hmm"])
 def test_save_load_roundtrip(head: TemporalHead, tmp_path: Path) -> None:
     save_head(head, tmp_path, {"task": "activity"})
     loaded, body = load_head(tmp_path)

@@ -70,13 +70,13 @@ def test_features_match_the_model(ckpt: Path, tmp_path: Path) -> None:
 
 def test_train_temporal_writes_heads_and_report(run: Path) -> None:
     report = json.loads((run / "eval.json").read_text())
-    assert set(report["methods"]) == {"per-frame", "ema", "hmm", "tcn"}
+    assert set(report["methods"]) == {"per-frame", "ema", "hmm", "tcn_raw", "tcn"}
     for metrics in report["methods"].values():
         assert {"frame_accuracy", "macro_f1", "edit", "f1@10", "f1@25", "f1@50", "spurious_switches_per_min"} <= set(
             metrics
         )
     assert report["clips"] == 1 and report["frames"] == 6
-    for method in ("ema", "hmm", "tcn"):
+    for method in ("ema", "hmm", "tcn_raw", "tcn"):
         assert report["latency_ms"][method]["p50"] > 0
         assert report["step_parity_max_abs_diff"][method] <= 1e-4
         assert (run / method / "temporal_head.onnx").is_file()
@@ -93,6 +93,7 @@ def test_bundle_with_temporal_head(ckpt: Path, run: Path, tmp_path: Path) -> Non
     assert temporal["method"] == "tcn" and temporal["task"] == "activity"
     assert temporal["input_output"] == "activity_features" and temporal["graph"] == "temporal_head.onnx"
     assert temporal["input_dim"] == head.input_dim and temporal["state_shape"] == list(head.state_shape)
+    assert temporal["output_filter"] == head.config()["filter_beta"]
     assert temporal["receptive_field_frames"] == head.receptive_field_frames == 7
     assert temporal["frame_interval_s"] == 0.5 and temporal["parity_max_abs_diff"] <= 1e-4
     assert body["files"]["temporal_head.onnx"] == temporal["graph_sha256"]
