@@ -41,6 +41,11 @@ class ClipSetSpec:
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
 
     def __post_init__(self) -> None:
+        # One spelling per value (40 and 40.0 are the same clip set, and must hash alike in the feature cache).
+        for name, kind in (("seed", int), ("clips", int), ("seconds", float), ("frame_interval_s", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "render_size", int(self.render_size))
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
         if self.clips < 3:
             raise ValueError(f"clips must be at least 3 (one per split), got {self.clips}")
         if not 0.02 <= self.frame_interval_s <= 5.0:

@@ -23,6 +23,7 @@ from training.temporal.clips import ClipSetSpec
 from training.temporal.evaluate import PER_FRAME, evaluate_methods, method_predictions
 from training.temporal.features import build_feature_set
 from training.temporal.heads import TemporalHead, save_head
+from training.temporal.metrics import switches
 from training.temporal.plot import plot_timeline
 from training.temporal.train import TCNConfig, fit_ema, fit_hmm, fit_output_filter, train_tcn
 
@@ -79,7 +80,7 @@ def train_temporal(
     report = evaluate_methods(data, heads, "test")
     report["val"] = evaluate_methods(data, heads, "val")["methods"]
     timings["evaluate"] = time.perf_counter() - started
-    clip = data.split("test")[0]
+    clip = max(data.split("test"), key=lambda c: switches(c.labels))  # the busiest test clip shows the most
     rows = {"ground truth": clip.labels, **{k: v[0] for k, v in method_predictions(data, heads, "test").items()}}
     plot_timeline(out / TIMELINE_FILE, rows, data.classes, data.frame_interval_s, f"{clip.name} (test)")
     report["timings_s"] = timings

@@ -23,7 +23,7 @@ def plot_timeline(
     from matplotlib.patches import Patch
 
     colours = plt.get_cmap("tab10").colors
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.2))
     for r, labels in enumerate(rows.values()):
         labels = np.asarray(labels)
         bounds = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1, [labels.size]])
@@ -34,7 +34,7 @@ def plot_timeline(
     ax.set_xlabel("time (s)")
     ax.set_title(title)
     handles = [Patch(color=colours[i % 10], label=c) for i, c in enumerate(classes)]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(classes), frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(classes), frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from tests.checkpoints import make_checkpoint
 from training.checkpoint import load_checkpoint
 from training.temporal import features as features_module
 from training.temporal.clips import ClipSetSpec
-from training.temporal.features import build_feature_set
+from training.temporal.features import build_feature_set, store_fingerprint
 from training.temporal.heads import load_head
 
 SPEC = ClipSetSpec(seed=3, clips=4, seconds=3.0, frame_interval_s=0.5, render_size=64)
@@ -56,6 +56,15 @@ def test_feature_cache_is_reused(ckpt: Path, tmp_path: Path, monkeypatch: pytest
         np.testing.assert_array_equal(a.labels, b.labels)
     with pytest.raises(AssertionError, match="rendered again"):  # another clip set is another store
         build_feature_set(ckpt, ClipSetSpec(**{**SPEC.to_dict(), "seed": 4}), cache_dir=tmp_path, progress=False)
+
+
+def test_spec_spelling_does_not_change_the_store() -> None:
+    a = ClipSetSpec(clips=4, seconds=3, frame_interval_s=0.5, fractions=(7, 1.5, 1.5))
+    b = ClipSetSpec(clips=4, seconds=3.0, frame_interval_s=0.5, fractions=(7.0, 1.5, 1.5))
+    assert store_fingerprint("x", "activity", (64, 64), a) == store_fingerprint("x", "activity", (64, 64), b)
+    assert store_fingerprint("x", "activity", (64, 64), a) != store_fingerprint("y", "activity", (64, 64), a)
+    with pytest.raises(ValueError, match="1/n"):
+        ClipSetSpec(frame_interval_s=0.3)
 
 
 def test_features_match_the_model(ckpt: Path, tmp_path: Path) -> None:
