@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from training.checkpoint import WEIGHTS_FILE, Checkpoint, load_checkpoint
+from training.models.protocol import MultiTaskModel
 from training.temporal.clips import ClipSetSpec, render_temporal_clip
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,7 @@ def classification_task(ckpt: Checkpoint, task: str | None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def clip_features(
-    model: torch.nn.Module, frames: np.ndarray, task: str, batch_size: int = 64
-) -> tuple[np.ndarray, ...]:
+def clip_features(model: MultiTaskModel, frames: np.ndarray, task: str, batch_size: int = 64) -> tuple[np.ndarray, ...]:
     """Frames (T H W 3 uint8) -> (pre-logit features T F, probabilities T K) of `task`, in eval mode."""
     feats, probs = [], []
     for start in range(0, len(frames), batch_size):
@@ -132,7 +131,7 @@ def build_feature_set(
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     entry = classification_task(ckpt, task)
-    size = tuple(int(v) for v in ckpt.config.model.image_size)
+    size = (int(ckpt.config.model.image_size[0]), int(ckpt.config.model.image_size[1]))
     fingerprint = store_fingerprint(_sha256(checkpoint / WEIGHTS_FILE), entry["name"], size, spec)
     store = Path(cache_dir or default_cache_dir()) / f"{entry['name']}-{fingerprint[:16]}"
     store.mkdir(parents=True, exist_ok=True)
@@ -145,7 +144,7 @@ def build_feature_set(
         name = f"clip_{index:03d}"
         path = store / f"{name}.npz"
         if not path.is_file():
-            frames, names = render_temporal_clip(spec, index, size)  # type: ignore[arg-type]
+            frames, names = render_temporal_clip(spec, index, size)
             unknown = sorted(set(names) - set(classes))
             if unknown:
                 raise ValueError(f"generated activities {unknown} are not classes of {checkpoint}: {classes}")

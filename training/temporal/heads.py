@@ -111,6 +111,8 @@ class CausalTCN(TemporalHead):
 
     method = "tcn"
     input_kind = FEATURES
+    feature_mean: Tensor
+    feature_std: Tensor
 
     def __init__(
         self,
@@ -252,6 +254,8 @@ class HMMFilter(TemporalHead):
 
     method = "hmm"
     input_kind = PROBS
+    transitions: Tensor
+    initial: Tensor
 
     def __init__(self, num_classes: int, beta: float = 1.0) -> None:
         """

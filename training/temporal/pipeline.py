@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from training.temporal.clips import ClipSetSpec
 from training.temporal.evaluate import PER_FRAME, evaluate_methods, method_predictions
-from training.temporal.features import build_feature_set
+from training.temporal.features import ClipFeatures, FeatureSet, build_feature_set
 from training.temporal.heads import TemporalHead, save_head
 from training.temporal.metrics import switches
 from training.temporal.plot import plot_timeline
@@ -80,8 +82,7 @@ def train_temporal(
     report = evaluate_methods(data, heads, "test")
     report["val"] = evaluate_methods(data, heads, "val")["methods"]
     timings["evaluate"] = time.perf_counter() - started
-    clip = max(data.split("test"), key=lambda c: switches(c.labels))  # the busiest test clip shows the most
-    rows = {"ground truth": clip.labels, **{k: v[0] for k, v in method_predictions(data, heads, "test").items()}}
+    clip, rows = timeline_rows(data, heads, "test")
     plot_timeline(out / TIMELINE_FILE, rows, data.classes, data.frame_interval_s, f"{clip.name} (test)")
     report["timings_s"] = timings
     report["plot"] = TIMELINE_FILE
@@ -90,3 +91,13 @@ def train_temporal(
     log = {"spec": spec.to_dict(), "feature_store": meta, "tcn": tcn_log, "ema": ema_log, "hmm": hmm_log}
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     return heads, report
+
+
+def timeline_rows(
+    data: FeatureSet, heads: dict[str, TemporalHead], split: str
+) -> tuple[ClipFeatures, dict[str, np.ndarray]]:
+    """The clip of `split` with the most true label switches and its rows for the plot: ground truth, each method."""
+    clips = data.split(split)
+    index = max(range(len(clips)), key=lambda i: switches(clips[i].labels))
+    predictions = method_predictions(data, heads, split)
+    return clips[index], {"ground truth": clips[index].labels, **{k: v[index] for k, v in predictions.items()}}

@@ -22,7 +22,7 @@ def plot_timeline(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    colours = plt.get_cmap("tab10").colors
+    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.2))
     for r, labels in enumerate(rows.values()):
         labels = np.asarray(labels)

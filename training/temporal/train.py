@@ -185,6 +185,7 @@ def fit_output_filter(
     truths = [c.labels for c in val]
     scores: dict[str, float] = {}
     best_key, best_head, best_score = "none", head, -1.0
+    candidate: TemporalHead
     for beta in [None, *betas]:
         candidate = build_head({**head.config(), "filter_beta": beta})
         candidate.load_state_dict(head.state_dict(), strict=False)  # the filter's buffers are set below
@@ -196,6 +197,6 @@ def fit_output_filter(
         key = "none" if beta is None else str(beta)
         scores[key] = score
         if score > best_score:
+            assert isinstance(candidate, CausalTCN)
             best_key, best_head, best_score = key, candidate, score
-    assert isinstance(best_head, CausalTCN)
     return best_head.eval(), {"filter_beta": best_key, "val_mean_f1": scores}

@@ -142,3 +142,34 @@ def test_hmm_head_reads_probabilities(ckpt: Path, run: Path, tmp_path: Path) -> 
     temporal = json.loads((tmp_path / "manifest.json").read_text())["temporal"]
     assert temporal["method"] == "hmm" and temporal["input_output"] == "activity_probs"
     assert temporal["state_shape"] == [5] and temporal["input_dim"] == 5
+
+
+def test_demo_keeps_a_finished_temporal_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from endostream import commands_temporal
+
+    calls: list[Path] = []
+
+    def fake(checkpoint: Path, out: Path, **kwargs: object) -> dict:
+        calls.append(checkpoint)
+        out.mkdir(parents=True)
+        (out / commands_temporal.EVAL_JSON).write_text("{}")
+        return {}
+
+    monkeypatch.setattr(commands_temporal, "train_and_report", fake)
+    assert commands_temporal.demo_temporal(tmp_path) == tmp_path / "temporal" / "tcn"
+    assert calls == [tmp_path / "runs" / "tiny" / "best-merged"]
+    commands_temporal.demo_temporal(tmp_path)  # eval.json exists: nothing is trained again
+    assert len(calls) == 1
+
+
+def test_timeline_rows_are_one_clip(ckpt: Path, tmp_path: Path) -> None:
+    from training.temporal.heads import EMAFilter
+    from training.temporal.pipeline import timeline_rows
+
+    spec = ClipSetSpec(seed=3, clips=5, seconds=3.0, frame_interval_s=0.5, render_size=64, fractions=(1, 1, 3))
+    data = build_feature_set(ckpt, spec, cache_dir=tmp_path, progress=False)
+    clip, rows = timeline_rows(data, {"ema": EMAFilter(5, 0.0)}, "test")  # alpha 0: the per-frame labels
+    assert clip.split == "test"
+    np.testing.assert_array_equal(rows["ground truth"], clip.labels)
+    np.testing.assert_array_equal(rows["per-frame"], clip.probs.argmax(1))
+    np.testing.assert_array_equal(rows["ema"], clip.probs.argmax(1))
