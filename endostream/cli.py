@@ -221,6 +221,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="also write model.pt2 (torch.export program) for the service's torch backend",
     )
     onnx.add_argument("--temporal-head", type=Path, help="temporal head to bundle (RUN/tcn of train-temporal)")
+    onnx.add_argument("--features", action=argparse.BooleanOptionalAction, help="<task>_features (default: with head)")
     onnx.set_defaults(func=_run_export_onnx)
     quantize = export_sub.add_parser("quantize", help="an INT8 bundle (static QDQ quantisation, calibrated)")
     quantize.add_argument("bundle", type=Path, help="fp32 bundle folder")
@@ -276,6 +277,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         torch_program=args.torch_program,
         temporal_head=args.temporal_head,
+        features=args.features,
     )
     parity = result.manifest.checks["parity"]
     print(
