@@ -173,3 +173,14 @@ def test_timeline_rows_are_one_clip(ckpt: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(rows["ground truth"], clip.labels)
     np.testing.assert_array_equal(rows["per-frame"], clip.probs.argmax(1))
     np.testing.assert_array_equal(rows["ema"], clip.probs.argmax(1))
+
+
+def test_export_cli_with_a_baseline_head(ckpt: Path, run: Path, tmp_path: Path) -> None:
+    args = ["export", "onnx", str(ckpt), "--out", str(tmp_path), "--temporal-head", str(run / "ema"), "--no-features"]
+    assert main(args) == 0
+    body = json.loads((tmp_path / "manifest.json").read_text())
+    assert body["temporal"]["method"] == "ema" and body["temporal"]["input_output"] == "activity_probs"
+    assert all("features_output" not in t for t in body["tasks"])
+    wrong = ["export", "onnx", str(ckpt), "--out", str(tmp_path / "b"), "--temporal-head", str(run / "tcn")]
+    assert main([*wrong, "--no-features"]) == 2  # the TCN reads features the graph would not have
+    assert not (tmp_path / "b" / "model.onnx").exists()
