@@ -184,3 +184,12 @@ def test_export_cli_with_a_baseline_head(ckpt: Path, run: Path, tmp_path: Path) 
     wrong = ["export", "onnx", str(ckpt), "--out", str(tmp_path / "b"), "--temporal-head", str(run / "tcn")]
     assert main([*wrong, "--no-features"]) == 2  # the TCN reads features the graph would not have
     assert not (tmp_path / "b" / "model.onnx").exists()
+
+
+def test_quantized_bundle_keeps_the_temporal_head(ckpt: Path, run: Path, tmp_path: Path) -> None:
+    from export.quantize import quantize_bundle
+
+    export_onnx(ckpt, tmp_path / "fp32", temporal_head=run / "tcn")
+    quantized = quantize_bundle(tmp_path / "fp32", None, out=tmp_path / "int8", mode="dynamic", progress=False)
+    assert quantized.temporal is not None
+    assert read_manifest(tmp_path / "int8", verify=True).temporal == quantized.temporal
