@@ -11,11 +11,11 @@ import logging
 import os
 import sys
 
-from endostream.commands import ablate, bench, data, demo, export, gpu_check, serve, train
+from endostream.commands import ablate, bench, data, demo, export, gpu_check, serve, temporal, train
 from endostream.commands import eval as evaluate
 
 # the top-level commands, in the order `endostream --help` lists them
-COMMANDS = (data, train, evaluate, ablate, demo, export, bench, gpu_check, serve)
+COMMANDS = (data, train, evaluate, ablate, demo, export, bench, gpu_check, serve, temporal)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 ADAPTER_MARKERS = ("lora_", "tesla", "adapter")
 PROB_TOLERANCE = 1e-4
+FEATURE_TOLERANCE = 1e-4  # relative: max |ONNX - PyTorch| / max |PyTorch| over a features output
 MASK_AGREEMENT = 0.999
 
 
@@ -43,9 +44,13 @@ class ParityReport:
     max_prob_diff: float
     mask_agreement: float
     passed: bool
+    max_feature_rel_diff: float | None = None  # only when the graph has `<task>_features` outputs
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        if body["max_feature_rel_diff"] is None:  # graphs without features outputs keep their old record
+            del body["max_feature_rel_diff"]
+        return body
 
 
 def onnxruntime_session(path: Path, threads: int | None = None, *, spinning: bool = True) -> Any:
@@ -74,10 +79,12 @@ def check_parity(
         graph: the `BundleGraph` that was exported.
         path: the exported `model.onnx`.
         frames: test frames; batches of each size are cut from them (repeating frames when N is smaller).
-        kinds: per graph output, "probabilities", "class_map" or "logits" (logits are compared like probabilities).
+        kinds: per graph output, "probabilities", "class_map", "logits" (not compared: the results they feed are)
+            or "features" (compared relative to the largest PyTorch value).
     """
     session = onnxruntime_session(path)
     prob_diff, agree, total = 0.0, 0, 0
+    feature_diff: float | None = None
     for batch in batches:
         index = np.arange(batch) % len(frames)
         x = np.ascontiguousarray(frames[index])
@@ -92,6 +99,10 @@ def check_parity(
                 total += got.size
             elif kind == "probabilities":
                 prob_diff = max(prob_diff, float(np.abs(got - want).max()))
+            elif kind == "features":
+                rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-6))
+                feature_diff = max(feature_diff or 0.0, rel)
     agreement = agree / total if total else 1.0
     passed = prob_diff <= PROB_TOLERANCE and agreement >= MASK_AGREEMENT
-    return ParityReport(list(batches), prob_diff, agreement, passed)
+    passed = passed and (feature_diff is None or feature_diff <= FEATURE_TOLERANCE)
+    return ParityReport(list(batches), prob_diff, agreement, passed, feature_diff)

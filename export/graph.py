@@ -3,7 +3,8 @@
 The service resizes a frame to the model resolution and hands over the uint8 NHWC RGB array as it is; the graph
 does the layout change, scaling and mean/std normalisation (the model's own buffers), runs every task stream in one
 batched pass on the per-task stacked weights, and ends in the results the service returns: class probabilities
-(softmax) per classification task and a uint8 class-index map per segmentation task. Logits are optional outputs.
+(softmax) per classification task and a uint8 class-index map per segmentation task. Logits are optional outputs, and
+so are the classification heads' pre-logit features (`<task>_features`, B F), which a bundle's temporal head reads.
 
 The model code stays export-agnostic: this module only wraps the inference copy each family makes of itself.
 """
@@ -27,14 +28,17 @@ class GraphOutput:
 
     name: str
     task: str
-    kind: str  # "probabilities" | "class_map" | "logits"
+    kind: str  # "probabilities" | "class_map" | "logits" | "features"
 
 
-def graph_outputs(model: MultiTaskModel, tasks: Sequence[str] | None = None, logits: bool = False) -> list[GraphOutput]:
+def graph_outputs(
+    model: MultiTaskModel, tasks: Sequence[str] | None = None, logits: bool = False, features: bool = False
+) -> list[GraphOutput]:
     """Output names in graph order: `<task>_probs` for classification, `<task>` (class map) for segmentation.
 
-    With the EndoARSS task names this gives `activity_probs` and `segmentation` (plus `<task>_logits` with `logits`).
-    `tasks` (default: all, in model order) picks the tasks the graph computes.
+    With the EndoARSS task names this gives `activity_probs` and `segmentation` (plus `<task>_logits` with `logits`,
+    then `<task>_features` per classification task with `features`). `tasks` (default: all, in model order) picks
+    the tasks the graph computes.
     """
     tasks = select_graph_tasks(model, tasks)
     outputs = []
@@ -45,6 +49,9 @@ def graph_outputs(model: MultiTaskModel, tasks: Sequence[str] | None = None, log
             outputs.append(GraphOutput(task, task, "class_map"))
     if logits:
         outputs += [GraphOutput(f"{task}_logits", task, "logits") for task in tasks]
+    if features:
+        classification = [t for t in tasks if model.task_kinds[t] == "classification"]
+        outputs += [GraphOutput(f"{task}_features", task, "features") for task in classification]
     return outputs
 
 
@@ -73,22 +80,34 @@ def prepare_for_export(model: MultiTaskModel, height: int, width: int) -> MultiT
 class BundleGraph(nn.Module):
     """uint8 frames (B H W 3, RGB) -> per-task results, in `graph_outputs` order."""
 
-    def __init__(self, model: MultiTaskModel, *, tasks: Sequence[str] | None = None, logits: bool = False) -> None:
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        *,
+        tasks: Sequence[str] | None = None,
+        logits: bool = False,
+        features: bool = False,
+    ) -> None:
         """
         Args:
             model: a merged model in eval mode (see `prepare_for_export`).
             tasks: the tasks to compute (default: all); their streams still run as one batched pass.
             logits: also return the raw logits of every task (after the results).
+            features: also return each classification task's pre-logit features (last), from the same pass.
         """
         super().__init__()
         self.model = model
         self.tasks = select_graph_tasks(model, tasks)
-        self.outputs = graph_outputs(model, self.tasks, logits)
+        self.outputs = graph_outputs(model, self.tasks, logits, features)
         self.logits = logits
+        self.features = features
 
     def forward(self, frames: Tensor) -> tuple[Tensor, ...]:
         images = frames.permute(0, 3, 1, 2)  # B 3 H W, still uint8: the model scales and normalises
-        raw = self.model(images, self.tasks)
+        if self.features:
+            raw, pre = self.model.forward_with_pre_logits(images, self.tasks)
+        else:
+            raw, pre = self.model(images, self.tasks), {}
         results: list[Tensor] = []
         for task in self.tasks:
             if self.model.task_kinds[task] == "classification":
@@ -97,4 +116,5 @@ class BundleGraph(nn.Module):
                 results.append(raw[task].argmax(dim=1).to(torch.uint8))  # B H W; < 256 classes (checked on export)
         if self.logits:
             results += [raw[task] for task in self.tasks]
+        results += [pre[task] for task in self.tasks if task in pre]  # B F per classification task
         return tuple(results)

@@ -3,6 +3,10 @@
 A bundle is a folder: `model.onnx` (one graph for all tasks) + `manifest.json`. The manifest names the model, the
 tasks with their class names and colours, the graph's input (layout, dtype, size, colour order) and outputs, the
 precision and opset, the sha256 of the graph and of the source checkpoint, and the checks the exporter ran.
+
+Optional temporal head (issue 20): a classification task's `features_output` names the graph output with its
+pre-logit features, and the top-level `temporal` section describes `temporal_head.onnx` (one time step with explicit
+state; see export/temporal.py). Both are left out of bundles without a temporal head, which read as before.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class TaskEntry:
     output: str  # graph output holding the result (probabilities or class map)
     colors: list[list[int]] | None = None  # RGB per class, segmentation only
     logits_output: str | None = None
+    features_output: str | None = None  # graph output with the pre-logit features (classification only)
 
 
 @dataclass
@@ -55,9 +60,21 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     checks: dict[str, Any] = field(default_factory=dict)
     engines: list[dict[str, Any]] = field(default_factory=list)  # TensorRT engines built next to the graph
+    # The temporal head: task, method, graph, input_output, input_dim, state_shape, frame_interval_s,
+    # receptive_field_frames, parity_max_abs_diff, graph_sha256 (export/temporal.py `manifest_section`).
+    temporal: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of bundle files beyond model_file
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        if body["temporal"] is None:  # absent, not null: no temporal head
+            del body["temporal"]
+        if not body["files"]:
+            del body["files"]
+        for task in body["tasks"]:
+            if task["features_output"] is None:
+                del task["features_output"]
+        return body
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -105,4 +122,11 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> Manifest:
         raise FileNotFoundError(f"{path} names {manifest.model_file}, which is missing from {bundle}")
     if verify and sha256_file(graph) != manifest.model_sha256:
         raise ValueError(f"{graph} does not match the sha256 in {path}: the bundle was modified; export it again")
+    if manifest.temporal is not None:
+        head = bundle / manifest.temporal["graph"]
+        if not head.is_file():
+            raise FileNotFoundError(f"{path} names the temporal head {head.name}, which is missing from {bundle}")
+        expected = manifest.temporal.get("graph_sha256") or manifest.files.get(manifest.temporal["graph"])
+        if verify and sha256_file(head) != expected:
+            raise ValueError(f"{head} does not match the sha256 in {path}: the bundle was modified; export it again")
     return manifest

@@ -9,14 +9,18 @@ left in the bundle.
 With `torch_program` the same wrapper is also saved as a `torch.export` program (`model.pt2`) for the service's torch
 backend. It keeps fused attention (SDPA: flash / memory-efficient kernels on a GPU), is checked against the ONNX graph
 with the same tolerances, and is recorded in the manifest's `checks["torch_program"]` with its sha256.
+
+With `temporal_head` (a head saved by `endostream train-temporal`) the graph also outputs the classification task's
+pre-logit features (`<task>_features`, checked for parity like the rest), the head is exported next to it as
+`temporal_head.onnx` (export/temporal.py: one step, explicit state, step-by-step parity with PyTorch) and the
+manifest gains the task's `features_output` and the `temporal` section.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -36,9 +40,11 @@ from export.checks import (
     check_parity,
     initializer_sizes,
 )
+from export.exporter_logs import quiet_exporter_logs
 from export.graph import INPUT_NAME, BundleGraph, GraphOutput, prepare_for_export
 from export.graph_passes import block_transposes_to_depth_ops, reorder_gelu_for_fusion
 from export.manifest import MODEL_FILE, InputSpec, Manifest, TaskEntry, sha256_file, write_manifest
+from export.temporal import HEAD_FILE, export_head, manifest_section
 from training.checkpoint import WEIGHTS_FILE, load_checkpoint
 from training.data.synth import render_image
 from training.layers.export_mode import exportable
@@ -66,23 +72,6 @@ def generated_frames(count: int, height: int, width: int, seed: int = PARITY_SEE
     return np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
 
 
-# Loggers of the exporter stack that report every rewrite (INFO) or torchvision ops we never use (WARNING).
-_CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx._internal.exporter._registration")
-
-
-@contextlib.contextmanager
-def _quiet_exporter_logs() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def _exporter_version() -> str:
     try:
         return metadata.version("endostream")
@@ -101,6 +90,8 @@ def export_onnx(
     tasks: Sequence[str] | None = None,
     overwrite: bool = False,
     torch_program: bool = False,
+    temporal_head: Path | None = None,
+    features: bool | None = None,
 ) -> ExportResult:
     """Export `checkpoint` into the bundle folder `out`.
 
@@ -114,6 +105,9 @@ def export_onnx(
         tasks: export only these tasks (default: all); a graph per task is what the fused graph is compared with.
         overwrite: replace an existing bundle in `out`.
         torch_program: also write `model.pt2` (`torch.export` program of the same wrapper, dynamic batch).
+        temporal_head: a temporal head directory (`RUN/tcn`, `RUN/ema`, `RUN/hmm` of `endostream train-temporal`)
+            to export as `temporal_head.onnx` and describe in the manifest.
+        features: add `<task>_features` (pre-logit features) per classification task; default: with a temporal head.
 
     Raises:
         ValueError: bad size or opset, an existing bundle, or a graph that fails a check (nothing is kept then).
@@ -136,17 +130,21 @@ def export_onnx(
     for task in ckpt.labels["tasks"]:
         if task["kind"] == "segmentation" and len(task["classes"]) > 256:
             raise ValueError(f"task {task['name']!r} has {len(task['classes'])} classes; the uint8 map holds 256")
+    head = _load_temporal_head(temporal_head, ckpt.labels["tasks"], tasks) if temporal_head else None
+    features = head is not None if features is None else features
     model = prepare_for_export(ckpt.model, height, width)
-    graph = BundleGraph(model, tasks=tasks, logits=logits).eval()
+    graph = BundleGraph(model, tasks=tasks, logits=logits, features=features).eval()
     outputs = graph.outputs
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
     program_path = out / TORCH_PROGRAM_FILE
     program_path.unlink(missing_ok=True)  # a program left from an earlier export would not match the new graph
+    head_path = out / HEAD_FILE
+    head_path.unlink(missing_ok=True)  # a head left from an earlier export does not belong to the new bundle
     sample = torch.from_numpy(generated_frames(2, height, width))
     logger.info("exporting %s at %dx%d (opset %d) to %s", checkpoint, height, width, opset, path)
     try:
-        with exportable(), torch.no_grad(), _quiet_exporter_logs():
+        with exportable(), torch.no_grad(), quiet_exporter_logs():
             torch.onnx.export(
                 graph,
                 (sample,),
@@ -172,9 +170,11 @@ def export_onnx(
                 f"(limit {PROB_TOLERANCE:g}), mask agreement {parity.mask_agreement:.5f} (limit {MASK_AGREEMENT:g})"
             )
         program = _export_torch_program(graph, sample, program_path, frames, outputs) if torch_program else None
+        temporal = _export_temporal(head, head_path, graph, frames, opset) if head else None
     except Exception:
         path.unlink(missing_ok=True)
         program_path.unlink(missing_ok=True)
+        head_path.unlink(missing_ok=True)
         raise
     logger.info(
         "checks passed: onnx.checker (full), shape inference, parity at batch %s (max prob diff %.1e, masks %.4f)",
@@ -203,6 +203,8 @@ def export_onnx(
             "source_merged": ckpt.merged,
             **({"torch_program": program} if program else {}),
         },
+        temporal=temporal,
+        files={HEAD_FILE: temporal["graph_sha256"]} if temporal else {},
     )
     write_manifest(out, manifest)
     seconds = time.perf_counter() - started
@@ -255,8 +257,9 @@ def _export_torch_program(
 def _task_entries(tasks: list[dict], outputs: list[GraphOutput]) -> list[TaskEntry]:
     entries = []
     for task in tasks:
-        result = next(o.name for o in outputs if o.task == task["name"] and o.kind != "logits")
+        result = next(o.name for o in outputs if o.task == task["name"] and o.kind not in ("logits", "features"))
         raw = next((o.name for o in outputs if o.task == task["name"] and o.kind == "logits"), None)
+        feats = next((o.name for o in outputs if o.task == task["name"] and o.kind == "features"), None)
         colors = task.get("colors")
         entries.append(
             TaskEntry(
@@ -266,6 +269,43 @@ def _task_entries(tasks: list[dict], outputs: list[GraphOutput]) -> list[TaskEnt
                 output=result,
                 colors=[list(c) for c in colors] if colors else None,
                 logits_output=raw,
+                features_output=feats,
             )
         )
     return entries
+
+
+def _load_temporal_head(path: Path, label_tasks: list[dict], tasks: Sequence[str] | None) -> tuple[Any, dict]:
+    """The head saved in `path` and its head.json, checked against the checkpoint's classes and `--tasks`."""
+    from training.temporal.heads import load_head
+
+    head, body = load_head(Path(path))
+    task = next((t for t in label_tasks if t["name"] == body.get("task")), None)
+    if task is None or task["kind"] != "classification":
+        raise ValueError(f"{path}: the head follows task {body.get('task')!r}, not a classification task here")
+    if list(task["classes"]) != list(body.get("classes", [])):
+        raise ValueError(
+            f"{path}: the head's classes {body.get('classes')} differ from the checkpoint's {task['classes']}"
+        )
+    if tasks is not None and task["name"] not in tasks:
+        raise ValueError(f"--tasks {list(tasks)} leaves out {task['name']!r}, which the temporal head follows")
+    return head, body
+
+
+def _export_temporal(
+    loaded: tuple[Any, dict], path: Path, graph: BundleGraph, frames: np.ndarray, opset: int
+) -> dict[str, Any]:
+    """Export the temporal head next to the graph; its manifest section (with the graph's sha256)."""
+    head, body = loaded
+    task = body["task"]
+    source = f"{task}_features" if head.input_kind == "features" else f"{task}_probs"
+    names = [o.name for o in graph.outputs]
+    if source not in names:
+        raise ValueError(f"the {head.method} head reads {source!r}, which the graph does not output ({names})")
+    with torch.no_grad():
+        width = graph(torch.from_numpy(frames[:1]))[names.index(source)].shape[1]
+    if width != head.input_dim:
+        raise ValueError(f"the {head.method} head reads {head.input_dim} values per frame; {source} has {width}")
+    result = export_head(head, path, opset)
+    section = manifest_section(head, task, source, float(body["frame_interval_s"]), result.parity_max_abs_diff)
+    return {**section, "graph_sha256": sha256_file(path)}

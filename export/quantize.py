@@ -16,6 +16,7 @@ and INT8 graphs are scored on it and the differences go into the manifest.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -140,6 +141,8 @@ def quantize_bundle(
             "delta": {k: int8[k] - fp32[k] for k in ("activity_accuracy", "miou") if k in fp32},
         }
         logger.info("INT8 vs fp32 on %s/%s: %s", data, split, checks["accuracy"]["delta"])
+    if manifest.temporal is not None:  # the temporal head stays fp32 (a few kB); it travels with the graph
+        shutil.copy2(bundle / manifest.temporal["graph"], out / manifest.temporal["graph"])
     quantized = replace(manifest, precision="int8", model_sha256=sha256_file(model_out), checks=checks)
     write_manifest(out, quantized)
     return quantized

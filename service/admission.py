@@ -4,9 +4,11 @@ A fixed concurrency limit is wrong on both sides: on two CPU cores every admitte
 (Little's law: 16 in flight at ~60 frames/s is ~270 ms each), while a GPU needs many in flight to fill its batches.
 So the limit adapts, in the manner of TCP Vegas and Netflix's concurrency-limits: the no-load latency is the smallest
 server time seen over the last `window` requests (the limit itself keeps some requests unqueued, so that minimum
-stays honest under overload); a request that took more than `tolerance` x that shrinks the limit by `backoff`, and a
-request that finished within it while the limit was in use grows the limit by 1/limit (about one per limit's worth of
-requests). The configured maximum stays the ceiling; the floor is one request.
+stays honest under overload). While the recent latency (an average over about the last ten requests, so that two
+frames that happen to collide do not count as overload) is above `tolerance` x the no-load latency, each request
+shrinks the limit by `backoff`; while it is within, a request that finished while the limit was in use grows the
+limit by 1/limit (about one per limit's worth of requests). The configured maximum stays the ceiling; the floor is
+one request.
 
 "Server time" runs from the request's last body byte to its last response byte, so a slow uploader never looks like
 a slow server.
@@ -15,6 +17,8 @@ a slow server.
 from __future__ import annotations
 
 from collections import deque
+
+_LATENCY_ALPHA = 0.1  # EWMA weight of the newest request: about ten requests of memory
 
 
 class AdaptiveLimit:
@@ -40,6 +44,7 @@ class AdaptiveLimit:
         self.ceiling, self.tolerance, self.backoff = ceiling, tolerance, backoff
         self._limit = float(ceiling if tolerance == 0 else min(initial, ceiling))
         self._recent: deque[float] = deque(maxlen=window)
+        self._latency: float | None = None  # EWMA of the server time
 
     @property
     def adaptive(self) -> bool:
@@ -67,7 +72,9 @@ class AdaptiveLimit:
             return
         self._recent.append(seconds)
         no_load = min(self._recent)
-        if seconds > self.tolerance * no_load:
+        latency = seconds if self._latency is None else self._latency + _LATENCY_ALPHA * (seconds - self._latency)
+        self._latency = latency
+        if latency > self.tolerance * no_load:
             self.shed()
         elif in_flight >= self.limit:  # only a limit that was reached has shown it can grow
             self._limit = min(float(self.ceiling), self._limit + 1.0 / self._limit)

@@ -27,11 +27,13 @@ def run(args: argparse.Namespace) -> int:
     """Each step is skipped when its output exists, so a second run goes straight to serving."""
     bundle = args.workdir / "bundle"
     if not (bundle / "manifest.json").is_file():
+        from endostream.commands.temporal import demo_temporal
         from export.onnx_export import export_onnx
         from training.jobs.demo import run_demo
 
         run_demo(args.workdir, images=args.images, seed=args.seed)
-        export_onnx(args.workdir / "runs" / "tiny" / "best-merged", bundle, overwrite=True)
+        head = demo_temporal(args.workdir)
+        export_onnx(args.workdir / "runs" / "tiny" / "best-merged", bundle, overwrite=True, temporal_head=head)
     else:
         logger.info("demo bundle %s exists; delete it to rebuild", bundle)
     if args.no_serve:

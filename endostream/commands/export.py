@@ -31,6 +31,8 @@ def _add_onnx(export_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="also write model.pt2 (torch.export program) for the service's torch backend",
     )
+    onnx.add_argument("--temporal-head", type=Path, help="temporal head to bundle (RUN/tcn of train-temporal)")
+    onnx.add_argument("--features", action=argparse.BooleanOptionalAction, help="<task>_features (default: with head)")
     onnx.set_defaults(func=run_onnx)
 
 
@@ -94,6 +96,8 @@ def run_onnx(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         overwrite=args.overwrite,
         torch_program=args.torch_program,
+        temporal_head=args.temporal_head,
+        features=args.features,
     )
     parity = result.manifest.checks["parity"]
     print(

@@ -174,3 +174,10 @@ async def _timed(middleware: FrameAdmissionMiddleware, receive, send) -> float:
     start = loop.time()
     await middleware(_scope("POST", b"image/jpeg"), receive, send)
     return loop.time() - start
+
+
+def test_two_frames_that_collide_are_not_overload() -> None:
+    limit = AdaptiveLimit(16, tolerance=1.5, initial=4)
+    for index in range(200):  # a moderate load: now and then a frame waits for another one (2x), mostly not
+        limit.observe(0.020 if index % 10 == 0 else 0.010, in_flight=limit.limit)
+    assert limit.limit == 16

@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "eval": {"config", "data", "models", "checkpoint"},
     "engine": {"config", "data", "adapters", "distill", "models", "builders", "checkpoint", "eval"},
     "jobs": {"config", "data", "models", "builders", "checkpoint", "eval", "engine"},
+    "temporal": {"config", "data", "models", "checkpoint"},
 }
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from training.layers.mote import MoTE
-from training.models.heads import run_task_heads
+from training.models.heads import run_task_heads_with_pre_logits
 from training.models.multitask import MultiTaskModule
 
 
@@ -148,8 +148,15 @@ class BDTAMoTE(MultiTaskModule):
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
+        return self.forward_with_pre_logits(images, tasks)[0]
+
+    def forward_with_pre_logits(
+        self, images: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Logits per task and pre-logit features (B F) per classification task (see the model protocol)."""
         features = self.forward_features(images, tasks)
-        return run_task_heads(self.heads, self.task_kinds, features, (images.shape[-2], images.shape[-1]))
+        size = (images.shape[-2], images.shape[-1])
+        return run_task_heads_with_pre_logits(self.heads, self.task_kinds, features, size)
 
     def task_parameter_names(self) -> dict[str, list[str]]:
         """Names of parameters kept per task: its head, G2T/T2G bottlenecks, MoTE reduce, router, gamma, fusion.

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from torch import Tensor, nn
 
 from training.adapters.tuner import active_tasks, merged_copy
-from training.models.heads import run_task_heads
+from training.models.heads import run_task_heads_with_pre_logits
 from training.models.multitask import MultiTaskModule
 
 
@@ -86,8 +86,15 @@ class EndoARSS(MultiTaskModule):
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
+        return self.forward_with_pre_logits(images, tasks)[0]
+
+    def forward_with_pre_logits(
+        self, images: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Logits per task and pre-logit features (B F) per classification task (see the model protocol)."""
         features = self.forward_features(images, tasks)
-        return run_task_heads(self.heads, self.task_kinds, features, (images.shape[-2], images.shape[-1]))
+        size = (images.shape[-2], images.shape[-1])
+        return run_task_heads_with_pre_logits(self.heads, self.task_kinds, features, size)
 
     def task_parameter_names(self) -> dict[str, list[str]]:
         """Names of parameters that belong to one task only (its head and its TESLA factors)."""

@@ -201,6 +201,10 @@ class ActivityHead(nn.Module):
         x = self.drop(x)
         return x if pre_logits else self.fc(x)  # B K
 
+    def classify(self, pre_logits: Tensor) -> Tensor:
+        """B `num_features` pre-logit features (`forward(..., pre_logits=True)`) -> B K logits."""
+        return self.fc(pre_logits)
+
 
 class ProjectedHead(nn.Module):
     """A 1x1 conv from the feature width to `width`, then `head`: the same head on a narrower feature map.
@@ -223,12 +227,30 @@ class ProjectedHead(nn.Module):
     def forward(self, features: Tensor, **kwargs) -> Tensor:
         return self.head(self.proj(features), **kwargs)  # B D h w -> B width h w -> head
 
+    def classify(self, pre_logits: Tensor) -> Tensor:
+        """Pre-logit features -> logits of the wrapped `ActivityHead`."""
+        return self.head.classify(pre_logits)
+
 
 def run_task_heads(
     heads: nn.ModuleDict, task_kinds: dict[str, str], features: dict[str, Tensor], size: tuple[int, int]
 ) -> dict[str, Tensor]:
     """Task name -> logits from per-task B D h w features: B K (classification), B C H W at `size` (segmentation)."""
-    return {
-        task: heads[task](feature, output_size=size) if task_kinds[task] == "segmentation" else heads[task](feature)
-        for task, feature in features.items()
-    }
+    return run_task_heads_with_pre_logits(heads, task_kinds, features, size)[0]
+
+
+def run_task_heads_with_pre_logits(
+    heads: nn.ModuleDict, task_kinds: dict[str, str], features: dict[str, Tensor], size: tuple[int, int]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """`run_task_heads` plus each classification head's pre-logit features (B F), from the same pass.
+
+    Classification heads must offer `forward(x, pre_logits=True)` and `classify(pre_logits)` (`ActivityHead`)."""
+    logits: dict[str, Tensor] = {}
+    pre: dict[str, Tensor] = {}
+    for task, feature in features.items():
+        if task_kinds[task] == "segmentation":
+            logits[task] = heads[task](feature, output_size=size)
+        else:
+            pre[task] = heads[task](feature, pre_logits=True)  # B F
+            logits[task] = heads[task].classify(pre[task])  # B K
+    return logits, pre

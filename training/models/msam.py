@@ -109,8 +109,12 @@ class MSAM(MultiTaskModule):
         embeddings = embeddings.reshape(streams, batch, *embeddings.shape[1:])  # T B C h w
         return {task: embeddings[i if streams > 1 else 0] for i, task in enumerate(tasks)}
 
-    def forward_head(self, task: str, embeddings: Tensor, output_size: tuple[int, int]) -> Tensor:
-        """Task `task`'s logits from its image embedding: B K (classification) or B C_t H W (segmentation)."""
+    def forward_head(
+        self, task: str, embeddings: Tensor, output_size: tuple[int, int], pre_logits: bool = False
+    ) -> Tensor:
+        """Task `task`'s logits from its image embedding: B K (classification) or B C_t H W (segmentation).
+
+        `pre_logits` (classification only): the B (R 2C) pooled tokens the classifier reads, after its dropout."""
         rows = self.no_mask_embed[task]  # R C
         batch, channels, height, width = embeddings.shape
         src = embeddings.unsqueeze(1) + rows[None, :, :, None, None]  # B R C h w: (I_t + E_t)
@@ -119,17 +123,31 @@ class MSAM(MultiTaskModule):
         tokens, src = decoder.forward_tokens(src, self.pe_layer(height, width))  # (B R) (1+M) C, (B R) C h w
         if self.task_kinds[task] == "classification":
             pooled = torch.cat([tokens[:, 0], tokens[:, 1 + SINGLE_MASK]], dim=-1)  # (B R) 2C: IoU + single-mask
-            pooled = pooled.reshape(batch, -1)  # B (R 2C)
-            return self.classifiers[task](self.classifier_dropout(pooled))  # B K
+            pooled = self.classifier_dropout(pooled.reshape(batch, -1))  # B (R 2C)
+            return pooled if pre_logits else self.classifiers[task](pooled)  # B K
         masks = decoder.predict_masks(tokens, src, (SINGLE_MASK,))  # (B R) 1 4h 4w
         masks = masks.reshape(batch, rows.shape[0], *masks.shape[-2:])  # B R 4h 4w
         return F.interpolate(masks, size=output_size, mode="bilinear", align_corners=False)  # B R H W
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
+        return self.forward_with_pre_logits(images, tasks)[0]
+
+    def forward_with_pre_logits(
+        self, images: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Logits per task and pre-logit features (B F) per classification task (see the model protocol)."""
         features = self.forward_features(images, tasks)
         size = (images.shape[-2], images.shape[-1])
-        return {task: self.forward_head(task, embeddings, size) for task, embeddings in features.items()}
+        logits: dict[str, Tensor] = {}
+        pre: dict[str, Tensor] = {}
+        for task, embeddings in features.items():
+            if self.task_kinds[task] == "classification":
+                pre[task] = self.forward_head(task, embeddings, size, pre_logits=True)  # B F
+                logits[task] = self.classifiers[task](pre[task])  # B K
+            else:
+                logits[task] = self.forward_head(task, embeddings, size)
+        return logits, pre
 
     def task_parameter_names(self) -> dict[str, list[str]]:
         """Parameters of one task only: its decoder, no-mask rows, classifier, and per-task LoRA factors (TESLA).

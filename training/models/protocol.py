@@ -25,6 +25,14 @@ class MultiTaskModel(Protocol):
         classification B x K, segmentation B x K x H x W at the input size."""
         ...
 
+    def forward_with_pre_logits(
+        self, images: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """`forward`'s logits plus, per classification task, the pre-logit features its classifier reads (B F, the
+        `ActivityHead(pre_logits=True)` output), from the same pass. The temporal heads (training/temporal) and the
+        bundle's `<task>_features` output consume them; `forward` returns the first element of this."""
+        ...
+
     def task_parameter_names(self) -> dict[str, list[str]]:
         """Parameter names owned by each task (heads, per-task adapters); the rest is shared."""
         ...

@@ -201,8 +201,12 @@ class PooledActivityHead(nn.Module):
         self.project = LevelProjection(dim, num_levels, max(1, dim // 4))
         self.head = ActivityHead(num_levels * max(1, dim // 4), num_classes, channels=channels, pool=pool)
 
-    def forward(self, levels: Sequence[Tensor]) -> Tensor:
-        return self.head(self.project(levels))  # B K
+    def forward(self, levels: Sequence[Tensor], pre_logits: bool = False) -> Tensor:
+        return self.head(self.project(levels), pre_logits=pre_logits)  # B K (B F with `pre_logits`)
+
+    def classify(self, pre_logits: Tensor) -> Tensor:
+        """Pre-logit features -> B K logits."""
+        return self.head.classify(pre_logits)
 
 
 class SAK(MultiTaskModule):
@@ -329,6 +333,12 @@ class SAK(MultiTaskModule):
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
+        return self.forward_with_pre_logits(images, tasks)[0]
+
+    def forward_with_pre_logits(
+        self, images: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Logits per task and pre-logit features (B F) per classification task (see the model protocol)."""
         tasks = self.requested_tasks(tasks)
         stem, experts, grid = self.forward_levels(self.normalize(images))
         if self.training and self.gamma > 0 and self.paths:
@@ -336,10 +346,15 @@ class SAK(MultiTaskModule):
         routed = self.route(stem, experts, grid, tasks)
         size = (images.shape[-2], images.shape[-1])
         out: dict[str, Tensor] = {}
+        pre: dict[str, Tensor] = {}
         for task in tasks:
             head = self.heads[task]
-            out[task] = head(routed[task], size) if self.task_kinds[task] == "segmentation" else head(routed[task])
-        return out
+            if self.task_kinds[task] == "segmentation":
+                out[task] = head(routed[task], size)
+            else:
+                pre[task] = head(routed[task], pre_logits=True)  # B F
+                out[task] = head.classify(pre[task])  # B K
+        return out, pre
 
     # ----------------------------------------------------------------------------------------------- distillation
     def aligned(self, experts: Mapping[str, Sequence[Tensor]], grid: tuple[int, int]) -> dict[str, list[Tensor]]:
