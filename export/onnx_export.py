@@ -107,7 +107,8 @@ def export_onnx(
         torch_program: also write `model.pt2` (`torch.export` program of the same wrapper, dynamic batch).
         temporal_head: a temporal head directory (`RUN/tcn`, `RUN/ema`, `RUN/hmm` of `endostream train-temporal`)
             to export as `temporal_head.onnx` and describe in the manifest.
-        features: add `<task>_features` (pre-logit features) per classification task; default: with a temporal head.
+        features: add `<task>_features` (pre-logit features) per classification task; default: with a temporal
+            head that reads them.
 
     Raises:
         ValueError: bad size or opset, an existing bundle, or a graph that fails a check (nothing is kept then).
@@ -131,7 +132,8 @@ def export_onnx(
         if task["kind"] == "segmentation" and len(task["classes"]) > 256:
             raise ValueError(f"task {task['name']!r} has {len(task['classes'])} classes; the uint8 map holds 256")
     head = _load_temporal_head(temporal_head, ckpt.labels["tasks"], tasks) if temporal_head else None
-    features = head is not None if features is None else features
+    if features is None:  # by default only a head that reads them gets the pre-logit features output
+        features = head is not None and head[0].input_kind == "features"
     model = prepare_for_export(ckpt.model, height, width)
     graph = BundleGraph(model, tasks=tasks, logits=logits, features=features).eval()
     outputs = graph.outputs

@@ -42,9 +42,8 @@ def labelled_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def temporal_bundle(endoarss_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle with an EMA temporal head (alpha 0.5, 0.1 s per step, 8 frames of context): a stand-in for
-    the real exporter, see tests/service/temporal_bundle.py."""
-    from tests.service.temporal_bundle import add_ema_head
+def temporal_bundle(endoarss_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle exported with an EMA temporal head (0.5, 0.1 s per step; tests/service/temporal_bundle.py)."""
+    from tests.service.temporal_bundle import export_temporal_bundle
 
-    return add_ema_head(endoarss_bundle, tmp_path_factory.mktemp("temporal") / "bundle")
+    return export_temporal_bundle(endoarss_ckpt, tmp_path_factory.mktemp("temporal") / "bundle")

@@ -32,7 +32,11 @@ def _add_onnx(export_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="also write model.pt2 (torch.export program) for the service's torch backend",
     )
     onnx.add_argument("--temporal-head", type=Path, help="temporal head to bundle (RUN/tcn of train-temporal)")
-    onnx.add_argument("--features", action=argparse.BooleanOptionalAction, help="<task>_features (default: with head)")
+    onnx.add_argument(
+        "--features",
+        action=argparse.BooleanOptionalAction,
+        help="<task>_features (default: with a head that reads them)",
+    )
     onnx.set_defaults(func=run_onnx)
 
 

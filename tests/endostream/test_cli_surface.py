@@ -24,6 +24,7 @@ def test_snapshot_covers_every_command() -> None:
     # guards the snapshot itself: an empty or truncated file would make the comparison above vacuous
     expected = json.loads(SNAPSHOT.read_text())
     top = expected["endostream"]["subcommands"]["help"]
-    assert set(top) == {"data", "train", "eval", "ablate", "demo", "export", "bench", "gpu-check", "serve", "train-temporal"}
+    commands = {"data", "train", "eval", "ablate", "demo", "export", "bench", "gpu-check", "serve", "train-temporal"}
+    assert set(top) == commands
     assert {"endostream bench http", "endostream export trt", "endostream serve"} <= set(expected)
     assert sum(len(entry["options"]) for entry in expected.values()) > 150

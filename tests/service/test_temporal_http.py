@@ -20,9 +20,7 @@ from service.postprocess import decode_compact
 from tests.service.conftest import encode
 from tests.service.metrics_text import scrape, value
 from tests.service.server import ServerProcess
-from tests.service.temporal_bundle import ema_reference
-
-ALPHA = 0.5  # the temporal_bundle fixture's head
+from tests.service.temporal_bundle import ALPHA, FIELD, ema_reference
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +188,7 @@ def test_each_websocket_connection_has_its_own_state(tserver, jpegs) -> None:
 def test_model_openapi_and_metrics_describe_it(tserver, jpegs) -> None:
     model = httpx.get(f"{tserver.url}/model").json()
     assert model["temporal"]["method"] == "ema" and model["temporal"]["frame_interval_s"] == 0.1
-    assert model["temporal"]["receptive_field_frames"] == 8 and model["manifest"]["temporal"]["graph"]
+    assert model["temporal"]["receptive_field_frames"] == FIELD and model["manifest"]["temporal"]["graph"]
     schema = httpx.get(f"{tserver.url}/openapi.json").json()
     result = schema["components"]["schemas"]["InferResult"]["properties"]
     assert "activity_temporal" in result

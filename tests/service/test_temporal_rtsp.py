@@ -17,9 +17,9 @@ import pytest
 
 from tests.service.rtsp import CLIP_FPS, CLIP_SECONDS, CLIP_SIZE, RtspServer, ensure_h264, rtsp_unavailable
 from tests.service.server import ServerProcess
-from tests.service.temporal_bundle import ema_reference
+from tests.service.temporal_bundle import ALPHA, FIELD, INTERVAL, ema_reference
 
-ALPHA, INTERVAL, FIELD, RESET_S = 0.5, 0.1, 8, 10.0  # the temporal_bundle fixture's head; the service default
+RESET_S = 10.0  # the service default
 FRAMES = 30
 
 pytestmark = pytest.mark.timeout(180)
