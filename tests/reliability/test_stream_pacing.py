@@ -24,8 +24,13 @@ SECONDS = 1.5
 class _StubService:
     """Answers every frame at once with its id (the stream loop, not the engine, is under test)."""
 
-    async def infer_array(self, image: Any, frame: dict, options: InferOptions, source: str) -> SimpleNamespace:
+    async def infer_array(
+        self, image: Any, frame: dict, options: InferOptions, *, source: str, track: Any = None
+    ) -> SimpleNamespace:
         return SimpleNamespace(json=lambda: json.dumps({"frame": {"id": frame["id"]}}).encode())
+
+    def new_temporal_state(self, source_kind: str) -> None:
+        return None  # a bundle without a temporal head
 
 
 async def _run(api: StreamsApi, source: str) -> tuple[list[dict], int, float]:
