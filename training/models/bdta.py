@@ -146,10 +146,6 @@ class BDTAMoTE(MultiTaskModule):
         # B L D -> B D h w
         return {t: f.transpose(1, 2).reshape(f.shape[0], -1, grid[0], grid[1]) for t, f in fused.items()}
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
-        return self.forward_with_pre_logits(images, tasks)[0]
-
     def forward_with_pre_logits(
         self, images: Tensor, tasks: Sequence[str] | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -84,10 +84,6 @@ class EndoARSS(MultiTaskModule):
         maps = patch.transpose(1, 2).reshape(streams, batch, -1, grid_h, grid_w)  # T B D h w
         return {task: maps[i if streams > 1 else 0] for i, task in enumerate(tasks)}
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
-        return self.forward_with_pre_logits(images, tasks)[0]
-
     def forward_with_pre_logits(
         self, images: Tensor, tasks: Sequence[str] | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

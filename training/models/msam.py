@@ -129,10 +129,6 @@ class MSAM(MultiTaskModule):
         masks = masks.reshape(batch, rows.shape[0], *masks.shape[-2:])  # B R 4h 4w
         return F.interpolate(masks, size=output_size, mode="bilinear", align_corners=False)  # B R H W
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
-        return self.forward_with_pre_logits(images, tasks)[0]
-
     def forward_with_pre_logits(
         self, images: Tensor, tasks: Sequence[str] | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 class MultiTaskModule(nn.Module, ABC):
     """Base of the multi-task models (the module side of `protocol.MultiTaskModel`). A subclass defines `tasks`,
-    `task_parameter_names` and `inference_copy`, and calls `register_pixel_stats` in `__init__`."""
+    `task_parameter_names`, `inference_copy` and `forward_with_pre_logits` (`forward` returns its logits), and calls
+    `register_pixel_stats` in `__init__`."""
 
     pixel_mean: Tensor
     pixel_std: Tensor
@@ -30,6 +31,16 @@ class MultiTaskModule(nn.Module, ABC):
     @abstractmethod
     def inference_copy(self, height: int, width: int) -> MultiTaskModule:
         """An eval-mode copy for a fixed input size: adapters merged, training-only parts dropped (what export runs)."""
+
+    @abstractmethod
+    def forward_with_pre_logits(
+        self, images: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Logits per task and pre-logit features (B F) per classification task, from one pass."""
+
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
+        return self.forward_with_pre_logits(images, tasks)[0]
 
     def register_pixel_stats(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """RGB mean and std in 0-255 units, as 1 3 1 1 buffers."""

@@ -331,10 +331,6 @@ class SAK(MultiTaskModule):
                 routed[task].append(_to_map(mixed, grid))
         return routed
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Task name -> logits: B K for classification, B C H W (input size) for segmentation."""
-        return self.forward_with_pre_logits(images, tasks)[0]
-
     def forward_with_pre_logits(
         self, images: Tensor, tasks: Sequence[str] | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
