@@ -19,6 +19,10 @@ from service.bench import _drive, _machine, percentiles
 from service.bench_client import RawConnection, post_request
 from service.launcher import ServiceProcess
 
+# uvicorn closes a keep-alive connection after 5 s idle; reusing one that old races its close (all 7 connection errors
+# of a 60 s run came on connections idle 5.1-16.5 s), which measures the client, not the service
+REUSE_IDLE_S = 4.0
+
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of `pid` (Linux /proc)."""
@@ -37,13 +41,18 @@ async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: fl
     statuses: dict[str, int] = {}
     retry_after = 0
     client_dropped = 0
-    idle: list[RawConnection] = []
+    idle: list[tuple[RawConnection, float]] = []  # keep-alive connections and since when they are idle
+    errors_after_idle_s: list[float] = []  # per connection error: how long its connection had been idle (-1: new)
     open_count = 0
 
     async def one(raw: bytes) -> None:
         nonlocal retry_after, open_count
         started = time.perf_counter()
-        conn = idle.pop() if idle else None
+        conn, idle_since = idle.pop() if idle else (None, None)
+        while conn is not None and idle_since is not None and started - idle_since > REUSE_IDLE_S:
+            conn.close()  # the server may be closing it right now: a real client would not reuse it either
+            open_count -= 1
+            conn, idle_since = idle.pop() if idle else (None, None)
         if conn is None:
             open_count += 1
             conn = await RawConnection.open(url)
@@ -51,6 +60,7 @@ async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: fl
             status, headers, _ = await conn.request(raw)
         except (ConnectionError, asyncio.IncompleteReadError):
             statuses["connection_error"] = statuses.get("connection_error", 0) + 1
+            errors_after_idle_s.append(round(started - idle_since, 3) if idle_since is not None else -1.0)
             open_count -= 1
             return
         elapsed = (time.perf_counter() - started) * 1000
@@ -59,7 +69,7 @@ async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: fl
             conn.close()
             open_count -= 1
         else:
-            idle.append(conn)
+            idle.append((conn, time.perf_counter()))
         if status == 200:
             accepted.append(elapsed)
         elif status == 503:
@@ -78,7 +88,7 @@ async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: fl
         tasks.append(asyncio.create_task(one(requests[i % len(requests)])))
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - start
-    for conn in idle:
+    for conn, _ in idle:
         conn.close()
     return {
         "offered_fps": round(rate, 2),
@@ -90,6 +100,7 @@ async def _open_loop(url: str, frames: Sequence[bytes], rate: float, seconds: fl
         "accepted_ms": percentiles(accepted),
         "refused_ms": percentiles(refused),
         "refused_with_retry_after": retry_after,
+        "connection_errors_after_idle_s": sorted(errors_after_idle_s),
     }
 
 
