@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Trainer:
+class Trainer(ABC):
     """Epoch loop, time limit, metrics.jsonl, last/best(-merged) checkpoints and the resume state of one run.
 
     Subclasses set `model` and `labels`, call `make_loader` and then `setup_optimization` in their `__init__`.
@@ -156,13 +157,13 @@ class Trainer:
         self.scheduler = build_scheduler(self.cfg, self.optimizer, max(1, len(self.loader)))
 
     # ---------------------------------------------------------------- what a subclass provides
+    @abstractmethod
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch; returns the mean of each logged loss term."""
-        raise NotImplementedError(f"{type(self).__name__} must implement train_epoch")
 
+    @abstractmethod
     def validate(self) -> tuple[dict[str, Any], float]:
         """(validation metrics, selection score: higher is better)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement validate")
 
     def describe(self) -> str:
         """One log line at the start of `fit`: what is trained on what."""
@@ -176,7 +177,7 @@ class Trainer:
         """State a subclass adds to trainer_state.pt (e.g. the loss weighting)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - an optional hook, empty by default
         """Restore what `extra_state` saved."""
 
     # ---------------------------------------------------------------- state

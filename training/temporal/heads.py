@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ PROBS = "probs"  # input kinds: per-frame probabilities or the pre-logit feature
 FEATURES = "features"
 
 
-class TemporalHead(nn.Module):
+class TemporalHead(nn.Module, ABC):
     """Base of the temporal heads (see the module docstring for the interface)."""
 
     method: str
@@ -62,20 +63,22 @@ class TemporalHead(nn.Module):
         self.num_classes = int(num_classes)
 
     @property
+    @abstractmethod
     def state_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """Per-stream state shape, without the batch dim."""
 
     @property
+    @abstractmethod
     def receptive_field_frames(self) -> int:
-        raise NotImplementedError
+        """Steps of context the head can use."""
 
     def init_state(self, batch: int) -> Tensor:
         """The fresh-stream state: zeros, N *state_shape."""
         return torch.zeros(batch, *self.state_shape)
 
+    @abstractmethod
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One step: x (N D), state (N *state_shape) -> probabilities (N K), next state."""
-        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         """N T D inputs -> N T K probabilities, causally from a fresh state (a loop over `step`)."""
@@ -86,9 +89,9 @@ class TemporalHead(nn.Module):
             out.append(probs)
         return torch.stack(out, dim=1)
 
+    @abstractmethod
     def config(self) -> dict[str, Any]:
         """Constructor arguments (with `method`), enough for `build_head` to rebuild the head."""
-        raise NotImplementedError
 
 
 class _DilatedResidual(nn.Module):
