@@ -29,7 +29,7 @@ HEAD_FILE = "temporal_head.onnx"
 STEP_INPUTS = ("features", "state")
 STEP_OUTPUTS = ("probs", "state_out")
 STEP_TOLERANCE = 1e-4  # max |ONNX - PyTorch| probability over a whole sequence, like the main graph's
-PARITY_STEPS = 48
+PARITY_STEPS = 48  # at least; a TCN's parity runs past its receptive field, so every state row is reused
 _BATCH = torch.export.Dim("batch", min=1, max=1024)
 
 
@@ -51,10 +51,12 @@ class HeadExport:
     seconds: float
 
 
-def parity_inputs(head: TemporalHead, batch: int, steps: int = PARITY_STEPS, seed: int = 0) -> np.ndarray:
+def parity_inputs(head: TemporalHead, batch: int, steps: int | None = None, seed: int = 0) -> np.ndarray:
     """N T D test inputs: probability vectors for the filters, non-negative feature-like values for learned heads.
 
     Sequences hold runs of a repeated input with noise, so filters and TCNs see both steady states and switches."""
+    if steps is None:
+        steps = max(PARITY_STEPS, head.receptive_field_frames + 16)
     rng = np.random.default_rng(seed)
     runs = rng.integers(3, 12, size=steps)
     base = rng.random((steps, batch, head.input_dim)).astype(np.float32)
@@ -158,6 +160,6 @@ def manifest_section(
         "frame_interval_s": frame_interval_s,
         "receptive_field_frames": head.receptive_field_frames,
         "parity_max_abs_diff": parity,
-        # beyond the contract (ignored by readers that do not know it): the learned head's HMM output filter
-        "output_filter": head.config().get("filter_beta"),
+        # beyond the contract (ignored by readers that do not know it): the learned head's hysteresis margin
+        "hysteresis": head.config().get("hysteresis"),
     }

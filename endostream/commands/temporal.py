@@ -17,6 +17,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 EVAL_JSON = "eval.json"
+TCN_FLAGS = ("epochs", "layers", "stages", "members", "flicker_ratio")  # TCNConfig fields settable from the CLI
 EVAL_MD = "eval.md"
 
 
@@ -30,13 +31,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--out", type=Path, required=True, help="run folder for the heads, eval.json, eval.md, plot")
     p.add_argument("--task", help="classification task to follow (default: the checkpoint's only one)")
     # None = the dataclass default (training/temporal: ClipSetSpec, TCNConfig), so defaults live in one place.
-    p.add_argument("--clips", type=int, help="generated clips, split 70/15/15 by clip (default 80)")
+    p.add_argument("--clips", type=int, help="generated clips, split 70/15/15 by clip (default 160)")
     p.add_argument("--seconds", type=float, help="clip length in s (default 40)")
     p.add_argument("--frame-interval", type=float, help="head time step in s, 1/n (default 0.5)")
     p.add_argument("--render-size", type=int, help="clip render size before resizing to the model's (default 128)")
     p.add_argument("--seed", type=int, help="clip seed (default 7)")
     p.add_argument("--epochs", type=int, help="TCN epochs (default 40)")
-    p.add_argument("--layers", type=int, help="TCN dilated layers; receptive field 1 + 2 (2^layers - 1) (default 4)")
+    p.add_argument("--layers", type=int, help="TCN dilated layers per stage, 2 (2^layers - 1) steps each (default 4)")
+    p.add_argument("--stages", type=int, help="TCN stages: features, then probability refinement (default 2)")
+    p.add_argument("--members", type=int, help="TCN copies trained side by side and averaged (default 3)")
+    p.add_argument(
+        "--flicker-ratio",
+        type=float,
+        help="hysteresis rule: validation spurious switches at most this x the per-frame model's (default 0.15)",
+    )
     p.add_argument("--cache-dir", type=Path, help="feature cache root (default ~/.cache/endostream/temporal_features)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the head graphs (default 18)")
     p.set_defaults(func=run_train_temporal)
@@ -65,7 +73,7 @@ def run_train_temporal(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.out,
         spec=spec,
-        tcn=TCNConfig(**_given(args, epochs="epochs", layers="layers")),
+        tcn=TCNConfig(**_given(args, **{name: name for name in TCN_FLAGS})),
         task=args.task,
         cache_dir=args.cache_dir,
         opset=args.opset,

@@ -271,7 +271,7 @@ def synthesize_dataset(
         summary.class_images[split] = {c: k for c, _, k in shares}
     summary.distractor_fraction = round(distractors / max(1, images), 4)
     if videos:
-        summary.videos = _write_clips(out / VIDEO_DIR, videos, seed, video_seconds, fps, video_size, progress)
+        summary.videos = _write_clips(out / VIDEO_DIR, videos, seed, video_seconds, fps, video_size, progress, workers)
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     source = {
         "generator": GENERATOR,
@@ -309,6 +309,39 @@ def _check_request(
         raise ValueError(f"video size {video_size} must be even and at least 64 (H.264 yuv420p)")
 
 
+def _clip_job(job: tuple[Path, int, int, float, int, tuple[int, int], bool]) -> tuple[dict[str, Any], float]:
+    folder, index, seed, seconds, fps, size, progress = job
+    started = time.perf_counter()
+    record = write_clip(folder, index, seed, seconds=seconds, fps=fps, size=size, progress=progress)
+    return record, time.perf_counter() - started
+
+
+def write_clips(
+    folder: Path,
+    videos: int,
+    seed: int,
+    *,
+    seconds: float = 6.0,
+    fps: int = 30,
+    size: tuple[int, int] = (480, 640),
+    workers: int = 1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Write clips 0 .. `videos` - 1 of `seed` into `folder` (`write_clip`), `workers` at a time; their records.
+
+    The files do not depend on `workers`: each clip has its own random stream."""
+    folder.mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers, videos))
+    jobs = [(folder, clip, seed, seconds, fps, size, progress and workers == 1) for clip in range(videos)]
+    records = []
+    with _pool(workers) as pool:
+        results = pool.imap(_clip_job, jobs) if pool is not None else map(_clip_job, jobs)
+        for record, seconds_taken in tqdm(results, total=videos, desc="synth clips", disable=not progress):
+            logger.info("clip %s: %d frames in %.1f s", record["name"], record["frames"], seconds_taken)
+            records.append(record)
+    return records
+
+
 def _write_clips(
     folder: Path,
     videos: int,
@@ -317,13 +350,13 @@ def _write_clips(
     fps: int,
     size: tuple[int, int],
     progress: bool,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Write `videos` labelled clips into `folder`; their summary entries."""
-    folder.mkdir(parents=True, exist_ok=True)
     entries = []
-    for clip in tqdm(range(videos), desc="synth clips", disable=not progress, dynamic_ncols=True):
-        clip_started = time.perf_counter()
-        record = write_clip(folder, clip, seed, seconds=seconds, fps=fps, size=size, progress=progress)
+    for record in write_clips(
+        folder, videos, seed, seconds=seconds, fps=fps, size=size, workers=workers, progress=progress
+    ):
         frames = [entry["activity"] for entry in record["labels"]]
         entries.append(
             {
@@ -332,9 +365,6 @@ def _write_clips(
                 "activities": {a: frames.count(a) for a in ACTIVITIES if a in frames},
                 "segments": len(record["segments"]),
             }
-        )
-        logger.info(
-            "clip %s: %d frames in %.1f s", record["name"], record["frames"], time.perf_counter() - clip_started
         )
     return entries
 

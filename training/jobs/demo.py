@@ -8,7 +8,7 @@ from pathlib import Path
 
 from training.checkpoint import WEIGHTS_FILE
 from training.config import load_config
-from training.data.writer import synthesize_dataset, write_clip
+from training.data.writer import synthesize_dataset, write_clips
 from training.engine.run import train
 from training.engine.trainer import epochs_recorded
 from training.eval.evaluate import run_evaluation
@@ -26,9 +26,7 @@ def run_demo(workdir: Path, *, images: int = 4000, seed: int = 0) -> dict:
         synthesize_dataset(data, images=images, seed=seed, workers=os.cpu_count() or 1)
     videos = data / "videos"
     if not any(videos.glob("clip_*.mp4")):  # live-source material for the service's stream demo
-        videos.mkdir(parents=True, exist_ok=True)
-        for index in range(DEMO_CLIPS):
-            write_clip(videos, index, seed, seconds=20.0, fps=30)
+        write_clips(videos, DEMO_CLIPS, seed, seconds=20.0, fps=30, workers=os.cpu_count() or 1)
         logger.info("wrote %d clips (20 s, 30 fps) into %s", DEMO_CLIPS, videos)
     run = workdir / "runs" / "tiny"
     cfg = load_config("tiny", [f"data.root={data}"])

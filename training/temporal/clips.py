@@ -34,7 +34,7 @@ class ClipSetSpec:
     """Which clips to generate; every field enters the feature cache's fingerprint."""
 
     seed: int = 7
-    clips: int = 80
+    clips: int = 160
     seconds: float = 40.0
     frame_interval_s: float = 0.5
     render_size: int = 128

@@ -68,4 +68,26 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"{report['clips']} held-out clips, {report['frames']} steps ({report['minutes']:.1f} min) at "
         f"{report['frame_interval_s']} s per step; ground truth: {gt:.2f} switches/min."
     )
+    versus = against_per_frame(report["methods"])
+    if versus is not None:
+        lines.append("")
+        ratio = versus["spurious_switch_reduction"]
+        fewer = "no spurious switches" if ratio is None else f"{ratio:.1f}x fewer spurious switches per minute"
+        gain = versus["accuracy_gain_pt"]
+        lines.append(f"Learned head (tcn) against per-frame: {gain:+.1f} pt frame accuracy, {fewer}.")
     return "\n".join(lines) + "\n"
+
+
+def against_per_frame(
+    methods: Mapping[str, Mapping[str, float]], method: str = "tcn"
+) -> dict[str, float | None] | None:
+    """`method` against the per-frame model: frame accuracy gain (points) and spurious-switch reduction (a ratio;
+    None when the method has no spurious switch at all); None when either method is missing."""
+    if method not in methods or PER_FRAME not in methods:
+        return None
+    mine, base = methods[method], methods[PER_FRAME]
+    spurious = mine["spurious_switches_per_min"]
+    return {
+        "accuracy_gain_pt": mine["frame_accuracy"] - base["frame_accuracy"],
+        "spurious_switch_reduction": base["spurious_switches_per_min"] / spurious if spurious else None,
+    }

@@ -3,8 +3,8 @@
 Writes into the run folder:
 
     tcn/, ema/, hmm/         one head each (head.json + head.safetensors; see heads.save_head); tcn/ is the
-                             learned head with the output filter the validation clips chose
-    tcn_raw/                 the same TCN without an output filter (an evaluation row, for comparison)
+                             learned head with the hysteresis margin the validation clips chose
+    tcn_raw/                 the same TCN without hysteresis (an evaluation row, for comparison)
     train_log.json           clip set, feature store, TCN training history, baseline parameter search
     timeline.png             one test clip: ground truth, per-frame and temporal labels over time
 
@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from training.temporal.clips import ClipSetSpec
-from training.temporal.evaluate import PER_FRAME, evaluate_methods, method_predictions
+from training.temporal.evaluate import PER_FRAME, against_per_frame, evaluate_methods, method_predictions
 from training.temporal.features import ClipFeatures, FeatureSet, build_feature_set
 from training.temporal.heads import TemporalHead, save_head
 from training.temporal.metrics import switches
 from training.temporal.plot import plot_timeline
-from training.temporal.train import TCNConfig, fit_ema, fit_hmm, fit_output_filter, train_tcn
+from training.temporal.train import TCNConfig, fit_ema, fit_hmm, fit_hysteresis, train_tcn
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def train_temporal(
 
     started = time.perf_counter()
     raw, tcn_log = train_tcn(data, tcn, progress=progress)
-    learned, filter_log = fit_output_filter(data, raw)
-    tcn_log["output_filter"] = filter_log
+    learned, hysteresis_log = fit_hysteresis(data, raw, flicker_ratio=tcn.flicker_ratio)
+    tcn_log["hysteresis"] = hysteresis_log
     timings["train_tcn"] = time.perf_counter() - started
     started = time.perf_counter()
     ema, ema_log = fit_ema(data)
@@ -81,6 +81,7 @@ def train_temporal(
     started = time.perf_counter()
     report = evaluate_methods(data, heads, "test")
     report["val"] = evaluate_methods(data, heads, "val")["methods"]
+    report["tcn_vs_per_frame"] = against_per_frame(report["methods"])
     timings["evaluate"] = time.perf_counter() - started
     clip, rows = timeline_rows(data, heads, "test")
     plot_timeline(out / TIMELINE_FILE, rows, data.classes, data.frame_interval_s, f"{clip.name} (test)")

@@ -29,7 +29,7 @@ from training.data.scene import (
 )
 from training.data.synth import frame_rng, render_image
 from training.data.video import probe_mp4, read_mp4
-from training.data.writer import SPLITS, run_synth, synthesize_dataset, write_clip
+from training.data.writer import SPLITS, run_synth, synthesize_dataset, write_clip, write_clips
 
 SIZE = 96
 
@@ -211,3 +211,14 @@ def test_cli_arguments_run(tmp_path: Path):
     assert summary.images == 5 and summary.size == (64, 80)
     image = next((tmp_path / "cli").rglob("image/*.png"))
     assert cv2.imread(str(image)).shape == (64, 80, 3)
+
+
+def test_clips_in_parallel_are_the_clips_written_one_by_one(tmp_path: Path):
+    kwargs = {"seconds": 0.5, "fps": 10, "size": (48, 64)}
+    alone = write_clips(tmp_path / "one", 2, 5, workers=1, **kwargs)
+    together = write_clips(tmp_path / "two", 2, 5, workers=2, **kwargs)
+    assert [r["name"] for r in together] == ["clip_000", "clip_001"]
+    assert together == alone
+    for name in ("clip_000", "clip_001"):
+        a, b = list(read_mp4(tmp_path / "one" / f"{name}.mp4")), list(read_mp4(tmp_path / "two" / f"{name}.mp4"))
+        assert len(a) == len(b) == 5 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))

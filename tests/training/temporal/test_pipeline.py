@@ -102,8 +102,8 @@ def test_bundle_with_temporal_head(ckpt: Path, run: Path, tmp_path: Path) -> Non
     assert temporal["method"] == "tcn" and temporal["task"] == "activity"
     assert temporal["input_output"] == "activity_features" and temporal["graph"] == "temporal_head.onnx"
     assert temporal["input_dim"] == head.input_dim and temporal["state_shape"] == list(head.state_shape)
-    assert temporal["output_filter"] == head.config()["filter_beta"]
-    assert temporal["receptive_field_frames"] == head.receptive_field_frames == 7
+    assert temporal["hysteresis"] == head.config()["hysteresis"]
+    assert temporal["receptive_field_frames"] == head.receptive_field_frames == 13  # two stages of 7
     assert temporal["frame_interval_s"] == 0.5 and temporal["parity_max_abs_diff"] <= 1e-4
     assert body["files"]["temporal_head.onnx"] == temporal["graph_sha256"]
     activity = next(t for t in body["tasks"] if t["name"] == "activity")
