@@ -29,7 +29,7 @@ HEAD_FILE = "temporal_head.onnx"
 STEP_INPUTS = ("features", "state")
 STEP_OUTPUTS = ("probs", "state_out")
 STEP_TOLERANCE = 1e-4  # max |ONNX - PyTorch| probability over a whole sequence, like the main graph's
-PARITY_STEPS = 48  # at least; a TCN's parity runs past its receptive field, so every state row is reused
+PARITY_STEPS = 48  # at least; parity runs past a head's receptive field, so every ring buffer in its state wraps
 _BATCH = torch.export.Dim("batch", min=1, max=1024)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 EVAL_JSON = "eval.json"
-TCN_FLAGS = ("epochs", "layers", "stages", "members", "flicker_ratio")  # TCNConfig fields settable from the CLI
 EVAL_MD = "eval.md"
+TCN_FLAGS = ("epochs", "layers", "stages", "members", "flicker_ratio")  # TCNConfig fields settable from the CLI
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,10 +1,10 @@
 """Train the learned temporal head (`CausalTCN`) on cached clip features and fit the two training-free baselines.
 
-The learned head sees whole training clips from their first step (each left-padded with zero inputs, the fresh
-state). Every stage of every member is supervised, as in MS-TCN / TeCNO: per-step cross-entropy plus MS-TCN's
-smoothing loss (Farha & Gall 2019, eq. 2-4: the truncated MSE of consecutive log-probabilities, tau = 4, weight
-`smoothing`; it penalises over-segmentation, i.e. label flicker), AdamW and a one-cycle schedule; the epoch whose
-member-mean has the best validation frame accuracy is kept. The baselines have one parameter each, chosen on the
+The learned head sees whole training clips from their first step (the fresh state: zeros before it). Every stage of
+every member is supervised, as in MS-TCN / TeCNO: per-step cross-entropy plus MS-TCN's smoothing loss (Farha & Gall
+2019, eq. 2-4: the truncated MSE of consecutive log-probabilities, tau = 4, weight `smoothing`; it penalises
+over-segmentation, i.e. label flicker), AdamW and a one-cycle schedule; the epoch whose member mean has the best
+validation frame accuracy is kept. The baselines have one parameter each, chosen on the
 validation clips by frame accuracy: the EMA's `alpha` and the HMM's emission exponent `beta` (its transitions are
 counted on the training clips' label sequences). The learned head's hysteresis margin is chosen on the validation
 clips against a flicker budget (`fit_hysteresis`).
@@ -210,7 +210,7 @@ def fit_hysteresis(
     with the fewest spurious switches. Candidates: no hysteresis and each of `margins`. The default 0.15 (6.7x fewer)
     leaves a margin under a 5x target for the noise of a 24-clip validation estimate: across three splits of the
     demo's 160 clips and two seeds, 0.2 chose margins that met 5x on the test clips 4 times in 6, 0.15 6 in 6, at
-    a cost of 0-2 points of accuracy.
+    a cost of 0-2.5 points of accuracy.
     """
     if not 0 < flicker_ratio <= 1:
         raise ValueError(f"flicker_ratio must be in (0, 1], got {flicker_ratio}")
