@@ -38,9 +38,7 @@ def rotated(data: FeatureSet, rotation: int) -> FeatureSet:
     """`data` with the split of clip i taken from clip i + rotation x held-out count of the original order."""
     splits = [c.split for c in data.clips]
     shift = rotation * sum(s != "train" for s in splits)
-    clips = [
-        dataclasses.replace(c, split=splits[(i - shift) % len(splits)]) for i, c in enumerate(data.clips)
-    ]  # fmt: skip
+    clips = [dataclasses.replace(c, split=splits[(i - shift) % len(splits)]) for i, c in enumerate(data.clips)]
     return dataclasses.replace(data, clips=clips)
 
 

@@ -72,9 +72,16 @@ class _Stage(nn.Module):
     """
 
     def __init__(
-        self, width: int, num_classes: int, channels: int, layers: int, kernel_size: int, dropout: float,
-        members: int, shared_input: bool,
-    ) -> None:  # fmt: skip
+        self,
+        width: int,
+        num_classes: int,
+        channels: int,
+        layers: int,
+        kernel_size: int,
+        dropout: float,
+        members: int,
+        shared_input: bool,
+    ) -> None:
         super().__init__()
         inputs, groups = (width, 1) if shared_input else (members * width, members)
         self.proj = nn.Conv1d(inputs, members * channels, 1, groups=groups)
@@ -147,7 +154,7 @@ class CausalTCN(TemporalHead):
             )
         if hysteresis is not None and members * channels < num_classes:
             raise ValueError(
-                f"the hysteresis row must fit a state row: members x channels = {members} x {channels} < "
+                f"the hysteresis column must fit a state column: members x channels = {members} x {channels} < "
                 f"{num_classes} classes"
             )
         if hysteresis is not None and not 0.0 <= hysteresis < 1.0:
@@ -171,7 +178,7 @@ class CausalTCN(TemporalHead):
                 dropout,
                 members,
                 shared_input=s == 0,
-            )  # fmt: skip
+            )
             for s in range(stages)
         )
 
@@ -182,7 +189,7 @@ class CausalTCN(TemporalHead):
 
     @property
     def receptive_field_frames(self) -> int:
-        """Steps of input the stages see together (the hysteresis row only remembers the last label)."""
+        """Steps of input the stages see together (the hysteresis column only remembers the last label)."""
         return self.stages * (self.stage_field - 1) + 1
 
     @property

@@ -116,7 +116,7 @@ def test_hysteresis_holds_the_label_until_another_class_leads_by_the_margin() ->
 
 def test_tcn_arguments() -> None:
     assert CausalTCN(D, K, hysteresis=0.2).config()["hysteresis"] == 0.2
-    with pytest.raises(ValueError, match="hysteresis row"):
+    with pytest.raises(ValueError, match="hysteresis column"):
         CausalTCN(D, K, channels=1, members=2, hysteresis=0.2)  # a state column of 2 cannot hold 4 classes
     with pytest.raises(ValueError, match="hysteresis"):
         CausalTCN(D, K, hysteresis=1.5)
