@@ -237,7 +237,7 @@ def synthesize_dataset(
         video_size: clip (height, width), both even.
         progress: show tqdm progress bars.
         overwrite: replace the generated parts of a non-empty `out`.
-        workers: processes rendering still frames; the files do not depend on it.
+        workers: processes rendering still frames and clips; the files do not depend on it.
     """
     out = Path(out)
     _check_request(images, videos, seed, workers, (height, width), video_size)
