@@ -63,14 +63,11 @@ class Manifest:
     # The temporal head: task, method, graph, input_output, input_dim, state_shape, frame_interval_s,
     # receptive_field_frames, parity_max_abs_diff, graph_sha256 (export/temporal.py `manifest_section`).
     temporal: dict[str, Any] | None = None
-    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of bundle files beyond model_file
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         if body["temporal"] is None:  # absent, not null: no temporal head
             del body["temporal"]
-        if not body["files"]:
-            del body["files"]
         for task in body["tasks"]:
             if task["features_output"] is None:
                 del task["features_output"]
@@ -126,7 +123,6 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> Manifest:
         head = bundle / manifest.temporal["graph"]
         if not head.is_file():
             raise FileNotFoundError(f"{path} names the temporal head {head.name}, which is missing from {bundle}")
-        expected = manifest.temporal.get("graph_sha256") or manifest.files.get(manifest.temporal["graph"])
-        if verify and sha256_file(head) != expected:
+        if verify and sha256_file(head) != manifest.temporal.get("graph_sha256"):
             raise ValueError(f"{head} does not match the sha256 in {path}: the bundle was modified; export it again")
     return manifest

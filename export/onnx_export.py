@@ -206,7 +206,6 @@ def export_onnx(
             **({"torch_program": program} if program else {}),
         },
         temporal=temporal,
-        files={HEAD_FILE: temporal["graph_sha256"]} if temporal else {},
     )
     write_manifest(out, manifest)
     seconds = time.perf_counter() - started

@@ -60,7 +60,7 @@ class TemporalSpec(BaseModel):
     frame_interval_s: float = Field(gt=0)
     receptive_field_frames: int = Field(ge=1)
     parity_max_abs_diff: float | None = None
-    graph_sha256: str | None = None  # or listed in the manifest's top-level `files` mapping
+    graph_sha256: str | None = None  # required; None is refused with a message that names it
 
 
 class ManifestModel(BaseModel):
@@ -83,7 +83,6 @@ class ManifestModel(BaseModel):
     checks: dict[str, Any] = {}
     engines: list[dict[str, Any]] = []
     temporal: TemporalSpec | None = None
-    files: dict[str, str] = {}  # file name -> sha256, for files beyond model_file
 
 
 @dataclass(frozen=True)
@@ -200,11 +199,7 @@ def _check_temporal(bundle: Bundle, manifest_path: Path, *, verify: bool) -> Non
     graph = bundle.path / temporal.graph
     if not graph.resolve().is_relative_to(bundle.path.resolve()) or not graph.is_file():
         raise FileNotFoundError(f"{where}.graph {temporal.graph!r} is missing from {bundle.path} (or outside it)")
-    expected = temporal.graph_sha256 or bundle.manifest.files.get(temporal.graph)
-    if expected is None:
-        raise ValueError(
-            f"{where}: no sha256 for {temporal.graph} (temporal.graph_sha256 or files[{temporal.graph!r}]); "
-            "re-export the bundle"
-        )
-    if verify and sha256_file(graph) != expected:
+    if temporal.graph_sha256 is None:
+        raise ValueError(f"{where}: no sha256 for {temporal.graph} (temporal.graph_sha256); re-export the bundle")
+    if verify and sha256_file(graph) != temporal.graph_sha256:
         raise ValueError(f"{graph} does not match its sha256 in {manifest_path}: the bundle was modified; re-export it")

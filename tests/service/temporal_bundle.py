@@ -17,13 +17,8 @@ INTERVAL = 0.1  # seconds per head step
 FIELD = 7  # EMAFilter's receptive field at 0.5: steps until the oldest weight is below 1 % (0.5**7)
 
 
-def export_temporal_bundle(checkpoint: Path, out: Path, *, hash_in_files: bool = False) -> Path:
-    """Export `checkpoint` to the bundle `out` with the EMA head on its classification task; returns `out`.
-
-    Args:
-        hash_in_files: keep the head's sha256 only in the manifest's top-level `files` mapping, not also in
-            `temporal.graph_sha256` (the service accepts either).
-    """
+def export_temporal_bundle(checkpoint: Path, out: Path) -> Path:
+    """Export `checkpoint` to the bundle `out` with the EMA head on its classification task; returns `out`."""
     from export.onnx_export import export_onnx
     from training.temporal.heads import EMAFilter, save_head
 
@@ -32,10 +27,6 @@ def export_temporal_bundle(checkpoint: Path, out: Path, *, hash_in_files: bool =
     meta = {"task": task["name"], "classes": task["classes"], "frame_interval_s": INTERVAL}
     head = save_head(EMAFilter(len(task["classes"]), alpha=1.0 - ALPHA), out.parent / f"{out.name}-head", meta)
     export_onnx(checkpoint, out, overwrite=True, temporal_head=head)
-    if hash_in_files:
-        manifest = json.loads((out / "manifest.json").read_text())
-        del manifest["temporal"]["graph_sha256"]
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 
 from endostream.cli import main
 from export.checks import onnxruntime_session
-from export.manifest import read_manifest
+from export.manifest import read_manifest, sha256_file
 from export.onnx_export import export_onnx, generated_frames
 from tests.checkpoints import make_checkpoint
 from training.checkpoint import load_checkpoint
@@ -105,7 +105,7 @@ def test_bundle_with_temporal_head(ckpt: Path, run: Path, tmp_path: Path) -> Non
     assert temporal["hysteresis"] == head.config()["hysteresis"]
     assert temporal["receptive_field_frames"] == head.receptive_field_frames == 13  # two stages of 7
     assert temporal["frame_interval_s"] == 0.5 and temporal["parity_max_abs_diff"] <= 1e-4
-    assert body["files"]["temporal_head.onnx"] == temporal["graph_sha256"]
+    assert temporal["graph_sha256"] == sha256_file(tmp_path / "temporal_head.onnx")
     activity = next(t for t in body["tasks"] if t["name"] == "activity")
     assert activity["features_output"] == "activity_features"
     assert result.manifest.checks["parity"]["max_feature_rel_diff"] <= 1e-4
