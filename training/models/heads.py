@@ -232,19 +232,14 @@ class ProjectedHead(nn.Module):
         return self.head.classify(pre_logits)
 
 
-def run_task_heads(
-    heads: nn.ModuleDict, task_kinds: dict[str, str], features: dict[str, Tensor], size: tuple[int, int]
-) -> dict[str, Tensor]:
-    """Task name -> logits from per-task B D h w features: B K (classification), B C H W at `size` (segmentation)."""
-    return run_task_heads_with_pre_logits(heads, task_kinds, features, size)[0]
-
-
 def run_task_heads_with_pre_logits(
     heads: nn.ModuleDict, task_kinds: dict[str, str], features: dict[str, Tensor], size: tuple[int, int]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """`run_task_heads` plus each classification head's pre-logit features (B F), from the same pass.
+    """Task name -> logits from per-task features: B K (classification), B C H W at `size` (segmentation); and each
+    classification head's pre-logit features (B F), from the same pass.
 
-    Classification heads must offer `forward(x, pre_logits=True)` and `classify(pre_logits)` (`ActivityHead`)."""
+    Segmentation heads take `forward(x, output_size=size)`; classification heads `forward(x, pre_logits=True)` and
+    `classify(pre_logits)` (`ActivityHead`)."""
     logits: dict[str, Tensor] = {}
     pre: dict[str, Tensor] = {}
     for task, feature in features.items():

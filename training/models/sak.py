@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from training.adapters.tuner import iter_adapter_layers, merge_and_unload
 from training.distill.losses import distillation_losses
 from training.distill.teachers import TeacherBank
-from training.models.heads import ActivityHead
+from training.models.heads import ActivityHead, run_task_heads_with_pre_logits
 from training.models.multitask import MultiTaskModule
 
 NOISE_FLOOR = 0.01  # added to the softplus noise scale (public code)
@@ -341,16 +341,7 @@ class SAK(MultiTaskModule):
             self._pending = (experts, grid)  # what auxiliary_losses distils (same forward pass)
         routed = self.route(stem, experts, grid, tasks)
         size = (images.shape[-2], images.shape[-1])
-        out: dict[str, Tensor] = {}
-        pre: dict[str, Tensor] = {}
-        for task in tasks:
-            head = self.heads[task]
-            if self.task_kinds[task] == "segmentation":
-                out[task] = head(routed[task], size)
-            else:
-                pre[task] = head(routed[task], pre_logits=True)  # B F
-                out[task] = head.classify(pre[task])  # B K
-        return out, pre
+        return run_task_heads_with_pre_logits(self.heads, self.task_kinds, {t: routed[t] for t in tasks}, size)
 
     # ----------------------------------------------------------------------------------------------- distillation
     def aligned(self, experts: Mapping[str, Sequence[Tensor]], grid: tuple[int, int]) -> dict[str, list[Tensor]]:
