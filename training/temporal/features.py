@@ -102,11 +102,8 @@ def store_fingerprint(checkpoint_sha256: str, task: str, size: tuple[int, int], 
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def build_feature_set(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.temporal.metrics import segments
+
 
 def plot_timeline(
     path: Path,
@@ -25,10 +27,8 @@ def plot_timeline(
     colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.2))
     for r, labels in enumerate(rows.values()):
-        labels = np.asarray(labels)
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1, [labels.size]])
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            ax.barh(r, (e - s) * frame_interval_s, left=s * frame_interval_s, color=colours[labels[s] % 10], height=0.8)
+        for label, s, e in segments(labels):
+            ax.barh(r, (e - s) * frame_interval_s, left=s * frame_interval_s, color=colours[label % 10], height=0.8)
     ax.set_yticks(range(len(rows)), list(rows))
     ax.invert_yaxis()
     ax.set_xlabel("time (s)")
